@@ -1,0 +1,22 @@
+"""calibri-pipeline: Calibri (parameter-efficient calibration of Diffusion Transformers) as a Dagster pipeline.
+
+The method core lives in :mod:`calibri_pipeline.method` and never imports Dagster. Heavy imports
+(torch) happen on first use of an exported name, so ``import calibri_pipeline`` stays cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["CalibrationSpace", "EnsembleLayout"]
+
+
+def __getattr__(name: str):
+    if name == "CalibrationSpace":
+        from calibri_pipeline.method.space import CalibrationSpace
+
+        return CalibrationSpace
+    if name == "EnsembleLayout":
+        from calibri_pipeline.method.ensemble import EnsembleLayout
+
+        return EnsembleLayout
+    raise AttributeError(f"module 'calibri_pipeline' has no attribute {name!r}")

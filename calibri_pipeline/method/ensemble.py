@@ -1,0 +1,128 @@
+"""Calibri Ensemble (paper §3.4): n calibrated copies of one denoiser mixed with learned weights.
+
+A Calibri *search vector* holds ``n_models`` blocks of ``size`` coefficients followed by
+``n_models`` ensemble weights::
+
+    [c_1 (size) | c_2 (size) | ... | c_n (size) | w_1 ... w_n]        len = n * size + n
+
+How the members are run depends on the backbone:
+
+- ``"single"`` (n = 1): one member. If the model uses classifier-free guidance, the member *is* the
+  guided denoiser: conditional and unconditional passes share ``c_1`` and are mixed with the
+  pipeline's fixed guidance ``g``; ``w_1`` scales the result (x0: 1).
+- ``"cfg"`` (n = 2 on a CFG model): the paper's CFG case. Member 1 is the conditional pass with
+  ``c_1``, member 2 the unconditional pass with ``c_2``; the weights replace the guidance mix
+  (x0: ``g`` and ``1 - g``, which is exactly standard CFG).
+- ``"ensemble"`` (n >= 2 on a model without CFG, e.g. guidance-distilled FLUX): every member sees
+  the prompt, each with its own coefficients (x0: ``1/n`` each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+MODES = ("single", "cfg", "ensemble")
+
+
+@dataclass(frozen=True)
+class EnsembleLayout:
+    size: int
+    n_models: int = 1
+    cfg: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        if not isinstance(self.n_models, int) or self.n_models < 1:
+            raise ValueError(f"n_models must be a positive int, got {self.n_models!r}")
+        if self.cfg and self.n_models > 2:
+            raise ValueError(
+                f"a model with classifier-free guidance supports n_models=1 (guided) or 2 "
+                f"(conditional + unconditional), got n_models={self.n_models}"
+            )
+
+    @property
+    def mode(self) -> str:
+        if self.n_models == 1:
+            return "single"
+        return "cfg" if self.cfg else "ensemble"
+
+    @property
+    def search_size(self) -> int:
+        return self.n_models * self.size + self.n_models
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [P, search_size]`` (or ``[search_size]``) -> coefficients ``[P, n, size]``, weights ``[P, n]``."""
+        x = torch.as_tensor(x)
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2 or x.shape[1] != self.search_size:
+            raise ValueError(
+                f"Calibri vectors must have shape [P, {self.search_size}] "
+                f"({self.n_models} x {self.size} coefficients + {self.n_models} weights), got {tuple(x.shape)}"
+            )
+        n, s = self.n_models, self.size
+        return x[:, : n * s].reshape(-1, n, s), x[:, n * s :]
+
+    def join(self, coefficients: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`split` for a single vector: ``[n, size]`` + ``[n]`` -> ``[search_size]``."""
+        coefficients = torch.as_tensor(coefficients, dtype=torch.float64).reshape(self.n_models, self.size)
+        weights = torch.as_tensor(weights, dtype=torch.float64).reshape(self.n_models)
+        return torch.cat([coefficients.reshape(-1), weights])
+
+    def initial_weights(self, guidance: float | None = None) -> list[float]:
+        if self.mode == "single":
+            return [1.0]
+        if self.mode == "cfg":
+            if guidance is None:
+                raise ValueError("the CFG ensemble starts from the pipeline's guidance g: pass guidance")
+            return [float(guidance), 1.0 - float(guidance)]
+        return [1.0 / self.n_models] * self.n_models
+
+    def initial(self, guidance: float | None = None) -> torch.Tensor:
+        """x0 of the search: all-ones coefficients and the weights that reproduce the base model."""
+        return self.join(torch.ones(self.n_models, self.size), torch.tensor(self.initial_weights(guidance)))
+
+    def bounds(
+        self,
+        coefficient_bounds: Sequence[float] = (-1.0, 2.0),
+        weight_bounds: Sequence[float] = (-10.0, 10.0),
+    ) -> tuple[list[float], list[float]]:
+        """Per-coordinate lower and upper bounds, in the vector's layout."""
+        (cl, cu), (wl, wu) = coefficient_bounds, weight_bounds
+        if not (cl < cu and wl < wu):
+            raise ValueError(f"bounds must be (low, high) with low < high, got {coefficient_bounds}, {weight_bounds}")
+        n_coef = self.n_models * self.size
+        lower = [float(cl)] * n_coef + [float(wl)] * self.n_models
+        upper = [float(cu)] * n_coef + [float(wu)] * self.n_models
+        return lower, upper
+
+    def names(self, coefficient_names: Sequence[str]) -> list[str]:
+        """Human-readable name of every coordinate of the search vector."""
+        if len(coefficient_names) != self.size:
+            raise ValueError(f"expected {self.size} coefficient names, got {len(coefficient_names)}")
+        out = [f"model{m}/{name}" for m in range(self.n_models) for name in coefficient_names]
+        return out + [f"weight{m}" for m in range(self.n_models)]
+
+    def passes(self, vectors: torch.Tensor, guidance: float | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The denoiser passes one step needs: ``(conditioning, coefficients [N, size], mix weight [N])``.
+
+        ``conditioning`` is ``"cond"`` or ``"uncond"``; the velocity is the weighted sum of the passes.
+        """
+        coefficients, weights = self.split(vectors)
+        if self.mode == "single":
+            if self.cfg:
+                if guidance is None:
+                    raise ValueError("a guided single model needs the guidance scale")
+                w = weights[:, 0]
+                return [
+                    ("cond", coefficients[:, 0], w * guidance),
+                    ("uncond", coefficients[:, 0], w * (1.0 - guidance)),
+                ]
+            return [("cond", coefficients[:, 0], weights[:, 0])]
+        if self.mode == "cfg":
+            return [("cond", coefficients[:, 0], weights[:, 0]), ("uncond", coefficients[:, 1], weights[:, 1])]
+        return [("cond", coefficients[:, m], weights[:, m]) for m in range(self.n_models)]
