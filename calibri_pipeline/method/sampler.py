@@ -98,7 +98,8 @@ def make_velocity_fn(
             both = {k: torch.cat([conds["cond"][k], conds["uncond"][k]]) for k in conds["cond"]}
             v = model_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
             v_cond, v_uncond = v.chunk(2)
-            return v_uncond + guidance * (v_cond - v_uncond)
+            # written as the ensemble's weighted sum, so x0 of a search reproduces it bit for bit
+            return guidance * v_cond + (1.0 - guidance) * v_uncond
 
         layout = EnsembleLayout(space.size, n_models, cfg=uncond is not None)
         vec = torch.as_tensor(vectors, dtype=torch.float32, device=x.device)
