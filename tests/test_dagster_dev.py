@@ -1,0 +1,300 @@
+"""Dagster side: resources in a real materialization, the `gpu` pool, and `dagster dev` serving the definitions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from calibri_pipeline.resources import (
+    GPU_POOL,
+    CatalogResource,
+    ComputeResource,
+    ObjectStoreResource,
+    default_resources,
+    set_gpu_pool_limit,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """The current environment with every Calibri / Dagster location inside tmp_path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
+    env.update(CALIBRI_HOME=str(tmp_path / "calibri_home"), DAGSTER_HOME=str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir(exist_ok=True)
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return env
+
+
+# -- resources ------------------------------------------------------------------------------------
+def test_default_resources_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CALIBRI_CATALOG", "CALIBRI_OBJECT_STORE", "CALIBRI_DEVICE", "CALIBRI_DTYPE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CALIBRI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CALIBRI_THREADS", "2")
+    resources = default_resources()
+    assert set(resources) == {"compute", "object_store", "catalog"}
+    assert resources["catalog"].path == str(tmp_path / "home" / "catalog.duckdb")
+    assert resources["object_store"].url == str(tmp_path / "home" / "objects")
+    assert (resources["compute"].device, resources["compute"].dtype, resources["compute"].threads) == ("auto", "float32", 2)
+    monkeypatch.setenv("CALIBRI_OBJECT_STORE", "s3://bucket/prefix")
+    monkeypatch.setenv("CALIBRI_CATALOG", str(tmp_path / "elsewhere.duckdb"))
+    resources = default_resources()
+    assert resources["object_store"].url == "s3://bucket/prefix"
+    assert resources["catalog"].path == str(tmp_path / "elsewhere.duckdb")
+    monkeypatch.setenv("CALIBRI_THREADS", "many")
+    with pytest.raises(ValueError, match="CALIBRI_THREADS must be a positive integer"):
+        default_resources()
+    assert not (tmp_path / "home").exists()  # building resources creates nothing
+
+
+def test_definitions_are_loadable() -> None:
+    from calibri_pipeline.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)
+    assert {"compute", "object_store", "catalog"} <= set(defs.resources)
+
+
+def test_resources_in_a_real_materialization(tmp_path: Path) -> None:
+    seen: dict[str, object] = {}
+
+    @dg.asset(pool=GPU_POOL)
+    def tiny_images(compute: ComputeResource, object_store: ObjectStoreResource, catalog: CatalogResource) -> dg.MaterializeResult:
+        seen.update(device=compute.torch_device(), dtype=compute.torch_dtype(), threads=torch.get_num_threads())
+        image = torch.zeros(3, 4, 4, dtype=compute.torch_dtype(), device=compute.torch_device()).float()
+        uri = object_store.store.put_png("baseline/toy/img_0.png", image)
+        result = catalog.catalog.replace(
+            "images",
+            pl.DataFrame({"image_id": ["img_0"], "model": "toy", "prompt_id": "p", "seed": [0], "steps": 4, "uri": [uri]}),
+            {"run_key": "baseline/toy"},
+        )
+        return dg.MaterializeResult(metadata={"rows": result.inserted, "uri": uri})
+
+    resources = {
+        "compute": ComputeResource(device="cpu", dtype="bfloat16", threads=1),
+        "object_store": ObjectStoreResource(url=str(tmp_path / "objects")),
+        "catalog": CatalogResource(path=str(tmp_path / "catalog.duckdb")),
+    }
+    threads_before = torch.get_num_threads()
+    try:
+        for _ in range(2):  # materializing twice replaces the partition's rows
+            assert dg.materialize([tiny_images], resources=resources).success
+    finally:
+        torch.set_num_threads(threads_before)
+    assert seen == {"device": torch.device("cpu"), "dtype": torch.bfloat16, "threads": 1}
+    rows = resources["catalog"].catalog.query("SELECT image_id, uri FROM images")
+    assert rows.rows() == [("img_0", f"file://{tmp_path}/objects/baseline/toy/img_0.png")]
+    assert np.asarray(resources["object_store"].store.get_png("baseline/toy/img_0.png")).max() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "gpu"}, "device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+        ({"device": "cuda:x"}, "is not one of"),
+        ({"dtype": "float8"}, "float32"),
+        ({"threads": 0}, "threads must be a positive integer"),
+    ],
+)
+def test_compute_resource_rejects_bad_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ComputeResource(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        ComputeResource(device="cuda").torch_device()
+    assert ComputeResource(device="auto").torch_device() == torch.device("cpu")
+
+
+def test_object_store_resource_without_s3_credentials_fails_before_the_asset_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    ran = []
+
+    @dg.asset
+    def needs_store(object_store: ObjectStoreResource) -> None:
+        ran.append(True)
+
+    with pytest.raises(Exception) as info:
+        dg.materialize([needs_store], resources={"object_store": ObjectStoreResource(url="s3://bucket/prefix")})
+    chain = []
+    error: BaseException | None = info.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    assert any("S3 credentials missing" in text for text in chain), chain
+    assert ran == []
+
+
+# -- the gpu pool -----------------------------------------------------------------------------------
+_GPU_STEP = textwrap.dedent(
+    """
+    import json, sys, time
+    import dagster as dg
+    from calibri_pipeline.resources import GPU_POOL
+
+    name, spans = sys.argv[1], sys.argv[2]
+
+    @dg.asset(name=name, pool=GPU_POOL)
+    def gpu_step() -> None:
+        start = time.time()
+        time.sleep(1.5)  # "on the GPU"
+        with open(spans, "a") as f:
+            f.write(json.dumps([name, start, time.time()]) + "\\n")
+
+    assert dg.materialize([gpu_step], instance=dg.DagsterInstance.get()).success
+    """
+)
+
+
+def test_gpu_pool_limit_keeps_two_runs_off_the_same_card(tmp_path: Path) -> None:
+    env = _subprocess_env(tmp_path)
+    set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 0)
+    spans = tmp_path / "spans.jsonl"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GPU_STEP, name, str(spans)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for name in ("gpu_step_a", "gpu_step_b")
+    ]
+    logs = [run.communicate(timeout=150)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), logs
+    first, second = sorted(tuple(json.loads(line)[1:]) for line in spans.read_text().splitlines())
+    assert second[0] >= first[1], f"GPU steps overlapped: {first} and {second}"
+    assert "blocked by limit for pool gpu" in "".join(logs)
+
+
+# -- dagster dev ------------------------------------------------------------------------------------
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        payload = json.loads(response.read())
+    assert "errors" not in payload, payload
+    return payload["data"]
+
+
+_WORKSPACE = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+_DEFINITIONS = """{
+  repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } } }
+  assetNodes { assetKey { path } pools }
+  instance { concurrencyLimits { concurrencyKey slotCount } }
+}"""
+
+_RESOURCES = """query($repo: String!, $location: String!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: {repositoryName: $repo, repositoryLocationName: $location}) {
+    __typename ... on ResourceDetailsList { results { name configuredValues { key value } } }
+  }
+}"""
+
+
+def _restore_default_signals() -> None:
+    # A background launcher may have SIGINT/SIGTERM ignored; dagster dev would inherit that and
+    # never shut down. Runs in the child between fork and exec.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_dagster_dev_serves_the_definitions(tmp_path: Path, loopback_port: int) -> None:
+    from calibri_pipeline.definitions import defs
+
+    env = _subprocess_env(tmp_path)
+    set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 1)
+    port = loopback_port
+    log_path = tmp_path / "dagster_dev.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: we stop all of it by this PID
+            preexec_fn=_restore_default_signals,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        entries = None
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"dagster dev exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                data = _graphql(port, _WORKSPACE)["workspaceOrError"]
+                entries = data.get("locationEntries")
+                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass  # not listening yet
+            time.sleep(1)
+        else:
+            pytest.fail(f"dagster dev not ready within 90 s:\n{log_path.read_text()[-3000:]}")
+
+        assert [e["name"] for e in entries] == ["calibri"]
+        location = entries[0]["locationOrLoadError"]
+        assert location["__typename"] == "RepositoryLocation", location
+
+        data = _graphql(port, _DEFINITIONS)
+        repositories = data["repositoriesOrError"]["nodes"]
+        assert [r["location"]["name"] for r in repositories] == ["calibri"]
+        served = {tuple(node["assetKey"]["path"]): sorted(node["pools"]) for node in data["assetNodes"]}
+        graph = defs.resolve_asset_graph()
+        expected = {tuple(key.path): sorted(graph.get(key).pools or []) for key in graph.get_all_asset_keys()}
+        assert served == expected  # every asset of the code location, with its pools
+        assert {"concurrencyKey": GPU_POOL, "slotCount": 1} in data["instance"]["concurrencyLimits"]
+
+        resources = _graphql(port, _RESOURCES, {"repo": repositories[0]["name"], "location": "calibri"})
+        details = resources["allTopLevelResourceDetailsOrError"]
+        assert details["__typename"] == "ResourceDetailsList", details
+        by_name = {r["name"]: {v["key"]: v["value"] for v in r["configuredValues"]} for r in details["results"]}
+        assert {"compute", "object_store", "catalog"} <= set(by_name)
+        assert json.loads(by_name["catalog"]["path"]) == str(tmp_path / "calibri_home" / "catalog.duckdb")
+        assert "AWS" not in json.dumps(by_name)  # no credentials in resource config
+    finally:
+        pgid = process.pid
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 30
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.5)  # the webserver, daemon and code server shut down after dagster dev
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            time.sleep(1)
+    assert not _group_alive(pgid), "dagster dev left processes behind"
