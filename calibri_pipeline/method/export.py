@@ -1,0 +1,87 @@
+"""Export a calibration as plain diffusers transformers (no Calibri code needed to load them).
+
+Each ensemble member becomes one transformer with its coefficients baked into the branch
+projections and its ensemble weight folded into the final output projection (the velocity is
+linear in it). How to combine the members is written to ``manifest.json``:
+
+- ``single``: one transformer, used exactly like the original (same guidance).
+- ``cfg``: ``cond`` and ``uncond`` transformers; velocity = cond(x, prompt) + uncond(x, empty prompt)
+  (their weights already hold the guidance mix).
+- ``ensemble``: ``model0 … model{n-1}``, all conditional; velocity = sum of their outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.space import CalibrationSpace
+
+
+def fold_output_weight(transformer: torch.nn.Module, weight: float) -> None:
+    """Multiply the transformer's output by ``weight`` by scaling its final ``proj_out`` in place."""
+    if weight == 1.0:
+        return
+    proj = getattr(transformer, "proj_out", None)
+    if not isinstance(proj, torch.nn.Linear):
+        raise ValueError(
+            f"cannot fold an ensemble weight into {type(transformer).__name__}: it has no final nn.Linear `proj_out`"
+        )
+    with torch.no_grad():
+        proj.weight.mul_(weight)
+        if proj.bias is not None:
+            proj.bias.mul_(weight)
+
+
+def baked_members(transformer: torch.nn.Module, granularity: str, vector: Sequence[float], n_models: int,
+                  uses_cfg: bool) -> tuple[str, dict[str, torch.nn.Module]]:
+    """(mode, {member name: baked copy of the transformer})."""
+    space = CalibrationSpace.from_transformer(transformer, granularity)
+    layout = EnsembleLayout(space.size, n_models, cfg=uses_cfg)
+    coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
+    names = {"single": ["model"], "cfg": ["cond", "uncond"], "ensemble": [f"model{i}" for i in range(n_models)]}[layout.mode]
+    members = {}
+    for m, name in enumerate(names):
+        member = copy.deepcopy(transformer)
+        space.bake(member, coefficients[0, m])
+        fold_output_weight(member, float(weights[0, m]))
+        members[name] = member
+    return layout.mode, members
+
+
+def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_models: int, store, prefix: str,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bake, ``save_pretrained`` each member, upload to ``store`` under ``prefix``; returns the manifest."""
+    mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
+    files = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, member in members.items():
+            if not hasattr(member, "save_pretrained"):
+                raise TypeError(f"{type(member).__name__} has no save_pretrained: only diffusers models can be exported")
+            member.save_pretrained(Path(tmp) / name, safe_serialization=True)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(tmp).as_posix()}"
+                store.put_bytes(key, path.read_bytes())
+                files.append(key)
+    manifest = {
+        "mode": mode,
+        "members": list(members),
+        "combine": {"single": "use `model` like the original transformer",
+                    "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt)",
+                    "ensemble": "velocity = sum of every member's output"}[mode],
+        "class": type(backbone.transformer).__name__,
+        "granularity": granularity,
+        "n_models": n_models,
+        "vector": [float(v) for v in vector],
+        "files": files,
+        **(extra or {}),
+    }
+    store.put_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
