@@ -33,9 +33,9 @@ def _asset_config(assets, **fields: Any) -> dict:
     return {"ops": {a.key.to_python_identifier(): {"config": dict(fields)} for a in assets if a in CONFIGURABLE}}
 
 
-recalibrate_job = dg.define_asset_job("recalibrate", selection=RECALIBRATE, partitions_def=PARTITIONS,
+recalibrate_job = dg.define_asset_job("recalibrate", selection=RECALIBRATE,
                                       description="prompts -> baselines -> CMA-ES -> evaluation -> export, one partition")
-evaluate_job = dg.define_asset_job("evaluate", selection=[evaluation, diversity], partitions_def=PARTITIONS,
+evaluate_job = dg.define_asset_job("evaluate", selection=[evaluation, diversity],
                                    description="re-evaluate the latest calibration of a partition")
 
 #: one job per ready-made configuration, selectable in the UI; the preset pre-fills every asset's config
@@ -43,7 +43,7 @@ PRESET_JOBS = [
     dg.define_asset_job(
         f"preset__{name.replace('-', '_')}",
         selection=ALL_ASSETS,
-        partitions_def=PARTITIONS,
+        
         config=_asset_config(ALL_ASSETS, preset=name),
         description=f"{name}: {preset.notes} (model key '{preset.model}', reward '{preset.reward}')",
     )
@@ -77,8 +77,8 @@ def scan_checkpoints(url: str) -> list[dict[str, str]]:
         if len(parts) != 2 or parts[1] != "config.json":
             continue
         name = parts[0]
-        siblings = store.list(name + "/")
-        if not any(s.endswith(".safetensors") for s in siblings):
+        siblings = [k for k in store.list(name) if k.startswith(name + "/")]
+        if not any(k.endswith(".safetensors") for k in siblings):
             continue
         try:
             config = json.loads(store.get_bytes(key))

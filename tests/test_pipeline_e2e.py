@@ -1,0 +1,164 @@
+"""End to end: `calibri demo --size tiny` materializes the whole graph on temporary storage.
+
+Then: the catalog holds every table's rows, re-materializing a partition duplicates nothing, the
+exported checkpoint loads with stock diffusers, and the checkpoint sensor turns a new folder into
+a partition plus a warm-started recalibration request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("calibri_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return home, proc.stdout
+
+
+def _catalog(home: Path):
+    from calibri_pipeline.storage.catalog import Catalog
+
+    return Catalog(home / "catalog.duckdb", create=False)
+
+
+def test_demo_prints_the_headline_table(demo_home):
+    home, out = demo_home
+    assert "Held-out test prompts" in out
+    for setting in ("baseline @ 4 steps", "baseline @ 2 steps", "calibrated @ 2 steps"):
+        assert setting in out
+    assert "calibri sql" in out and str(home / "catalog.duckdb") in out
+
+
+def test_catalog_holds_every_stage(demo_home):
+    home, _ = demo_home
+    cat = _catalog(home)
+    key = "toy|world_score"
+    assert cat.count("prompts", {"prompt_set": key}) == 24 + 6 + 6
+    # 6 test prompts x 2 seeds at 2 and 4 steps (baseline) + at 2 steps (calibrated)
+    assert cat.count("images", {"run_key": key, "calibration": "baseline"}) == 6 * 2 * 2
+    run = cat.query("SELECT * FROM calibration_runs").row(0, named=True)
+    assert run["status"] == "finished" and run["granularity"] == "block" and run["n_models"] == 1
+    assert len(run["coefficients"]) == len(run["names"]) + 1 == 9  # 4 double + 4 single blocks + 1 weight
+    assert run["best_val"] >= run["baseline_val"]
+    assert cat.count("images", {"run_key": key, "calibration": run["run_id"]}) == 6 * 2
+    uris = cat.query("SELECT uri FROM images")["uri"].to_list()
+    assert all(Path(u.removeprefix("file://")).is_file() for u in uris)
+    scores = cat.query("SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward")
+    assert set(scores["reward"]) == {"world_score", "world_alignment", "world_accuracy", "world_quality"}
+    assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 12).all()
+    assert cat.count("ablations") == 8 and cat.count("sweeps") == 8 * 2
+    gens = cat.query("SELECT * FROM cmaes_generations ORDER BY generation")
+    assert gens.height == run["generations"] >= 2
+    assert cat.count("cmaes_candidates", {"run_id": run["run_id"]}) == 4 * gens.height
+    evals = cat.query("SELECT DISTINCT nfe FROM evaluations ORDER BY nfe")["nfe"].to_list()
+    assert evals == [1, 2, 4]
+    assert cat.count("evaluations") == 2 * 3 * 4  # baseline/calibrated x 3 NFE x 4 rewards
+    div = cat.query("SELECT calibration, nfe, count(*) AS n, avg(diversity) AS d FROM diversity GROUP BY ALL")
+    assert div.height == 3 and (div["n"] == 6).all()
+
+
+def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    home, _ = demo_home
+    ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["mode"] == "single" and manifest["members"] == ["model"]
+    model = FluxTransformer2DModel.from_pretrained(ckpt / "model")
+    assert isinstance(model, FluxTransformer2DModel)
+    # the baked weights equal the original ones scaled by the coefficients
+    from calibri_pipeline.backbones.toy import load_toy_backbone
+    from calibri_pipeline.method.space import CalibrationSpace
+
+    original = load_toy_backbone().transformer
+    space = CalibrationSpace.from_transformer(original, "block")
+    target = space.groups[0][0].target
+    c = manifest["vector"][0]
+    torch.testing.assert_close(model.get_submodule(target).weight, original.get_submodule(target).weight * c)
+
+
+def test_rematerializing_a_partition_adds_no_rows(demo_home, monkeypatch):
+    import dagster as dg
+
+    home, _ = demo_home
+    monkeypatch.setenv("CALIBRI_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    from calibri_pipeline.assets.automation import _asset_config
+    from calibri_pipeline.assets.pipeline import baseline_images, baseline_scores, prompt_embeddings, prompts
+    from calibri_pipeline.demo import SIZES
+    from calibri_pipeline.resources import default_resources
+
+    cat = _catalog(home)
+    tables = ["prompts", "images", "scores"]
+    before = {t: cat.count(t) for t in tables}
+    assets = [prompts, prompt_embeddings, baseline_images, baseline_scores]
+    result = dg.materialize(
+        assets, partition_key=dg.MultiPartitionKey({"model": "toy", "reward": "world_score"}),
+        instance=dg.DagsterInstance.get(), resources=default_resources(),
+        run_config=_asset_config(assets, **SIZES["tiny"], preset="embedded-default"),
+    )
+    assert result.success
+    assert {t: cat.count(t) for t in tables} == before
+
+
+def test_checkpoint_sensor_adds_partition_and_requests_warm_started_run(tmp_path, monkeypatch):
+    import dagster as dg
+
+    from calibri_pipeline.assets.automation import checkpoint_sensor
+    from calibri_pipeline.backbones.toy import default_weights_dir
+    from calibri_pipeline.resources import ObjectStoreResource
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    monkeypatch.setenv("CALIBRI_CHECKPOINT_DIR", str(incoming))
+    store = ObjectStoreResource(url=str(tmp_path / "objects"))
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store})
+        first = checkpoint_sensor(ctx)
+        assert first.run_requests == []  # nothing new yet; only the built-in toy partition
+        assert first.dynamic_partitions_requests[0].partition_keys == ["toy"]
+        instance.add_dynamic_partitions("model", ["toy"])  # what the daemon does with the request
+        shutil.copytree(default_weights_dir(), incoming / "step-0500")
+        (incoming / "half-copied").mkdir()  # no weights yet: ignored until complete
+        (incoming / "half-copied" / "config.json").write_text("{")
+        ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store}, cursor=first.cursor)
+        second = checkpoint_sensor(ctx)
+        assert second.dynamic_partitions_requests[0].partition_keys == ["toy--step-0500"]
+        [request] = second.run_requests
+        assert request.partition_key == dg.MultiPartitionKey({"model": "toy--step-0500", "reward": "world_score"})
+        assert request.run_config["ops"]["calibration"]["config"]["warm_start_from"] == "toy"
+        spec = json.loads((tmp_path / "objects" / "models" / "toy--step-0500.json").read_text())
+        assert spec["kind"] == "toy" and spec["parent"] == "toy" and spec["path"].endswith("step-0500")
+        shutil.copytree(default_weights_dir(), incoming / "step-1000")
+        ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store}, cursor=second.cursor)
+        third = checkpoint_sensor(ctx)
+        [request] = third.run_requests  # the older checkpoint is not requested again
+        assert request.run_config["ops"]["calibration"]["config"]["warm_start_from"] == "toy--step-0500"
+
+
+def test_partition_keys_cannot_escape_the_store():
+    from calibri_pipeline.models import check_model_key, checkpoint_key
+
+    for bad in ("../etc", "a/b", "", "UPPER", "x" * 200, "..", "a..b"):
+        with pytest.raises(ValueError, match="invalid model key"):
+            check_model_key(bad)
+    assert checkpoint_key("toy", "../../Weird Name!") == "toy--weird-name"
