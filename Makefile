@@ -24,8 +24,10 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
+# The UI over the same Dagster instance and catalog the demo wrote to.
 dev: install
-	$(BIN)/dagster dev -w workspace.yaml
+	mkdir -p .calibri/dagster_home
+	DAGSTER_HOME=$(CURDIR)/.calibri/dagster_home $(BIN)/dagster dev -w workspace.yaml
 
 bench: install
 	$(BIN)/python benchmarks/hook_overhead.py

@@ -47,16 +47,24 @@ def test_demo_prints_the_headline_table(demo_home):
     assert "calibri sql" in out and str(home / "catalog.duckdb") in out
 
 
+def _n_blocks() -> int:
+    from calibri_pipeline.backbones.toy import load_toy_backbone
+    from calibri_pipeline.method.space import CalibrationSpace
+
+    return CalibrationSpace.from_transformer(load_toy_backbone().transformer, "block").size
+
+
 def test_catalog_holds_every_stage(demo_home):
     home, _ = demo_home
     cat = _catalog(home)
+    n_blocks = _n_blocks()
     key = "toy|world_score"
     assert cat.count("prompts", {"prompt_set": key}) == 24 + 6 + 6
     # 6 test prompts x 2 seeds at 2 and 4 steps (baseline) + at 2 steps (calibrated)
     assert cat.count("images", {"run_key": key, "calibration": "baseline"}) == 6 * 2 * 2
     run = cat.query("SELECT * FROM calibration_runs").row(0, named=True)
     assert run["status"] == "finished" and run["granularity"] == "block" and run["n_models"] == 1
-    assert len(run["coefficients"]) == len(run["names"]) + 1 == 9  # 4 double + 4 single blocks + 1 weight
+    assert len(run["coefficients"]) == len(run["names"]) + 1 == n_blocks + 1  # one per block + the weight
     assert run["best_val"] >= run["baseline_val"]
     assert cat.count("images", {"run_key": key, "calibration": run["run_id"]}) == 6 * 2
     uris = cat.query("SELECT uri FROM images")["uri"].to_list()
@@ -64,7 +72,7 @@ def test_catalog_holds_every_stage(demo_home):
     scores = cat.query("SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward")
     assert set(scores["reward"]) == {"world_score", "world_alignment", "world_accuracy", "world_quality"}
     assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 12).all()
-    assert cat.count("ablations") == 8 and cat.count("sweeps") == 8 * 2
+    assert cat.count("ablations") == n_blocks and cat.count("sweeps") == n_blocks * 2
     gens = cat.query("SELECT * FROM cmaes_generations ORDER BY generation")
     assert gens.height == run["generations"] >= 2
     assert cat.count("cmaes_candidates", {"run_id": run["run_id"]}) == 4 * gens.height

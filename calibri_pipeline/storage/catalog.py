@@ -116,7 +116,7 @@ TABLES: dict[str, Table] = {
                 Column("height", "INTEGER", "pixels"),
                 _created_at(),
             ),
-            ("run_key",),
+            ("run_key", "calibration"),
         ),
         Table(
             "scores",
