@@ -25,7 +25,7 @@ from calibri_pipeline.assets.common import (
     resolve_preset,
     table_md,
 )
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource, RayResource
 
 GROUP = "calibri"
 
@@ -118,10 +118,9 @@ def build_prompts(preset, llm_rewrite: bool = False, log=print):
             from calibri_pipeline.prompts.llm import PromptLLM, rewrite_world_prompts
 
             llm = PromptLLM()
-            for split in ("train", "val"):
-                rewritten = rewrite_world_prompts(splits[split], llm, seed=0)
-                splits[split] = rewritten.prompts if hasattr(rewritten, "prompts") else rewritten
-                log(f"LLM rewrite of {split}: acceptance {getattr(rewritten, 'acceptance_rate', 'n/a')}")
+            for split in ("train", "val"):  # test prompts stay grammar-phrased: a fixed yardstick
+                splits[split], report = rewrite_world_prompts(splits[split], llm, seed=0)
+                log(f"LLM rewrite of {split}: acceptance {report.acceptance_rate:.1%}, coverage {report.coverage:.1%}")
         return [p for split in ("train", "val", "test") for p in splits[split]]
     from calibri_pipeline.prompts.loaders import load_prompts
     from calibri_pipeline.prompts.llm import split_prompts
@@ -413,7 +412,7 @@ def _calibration_plot(generations) -> bytes:
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
 def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+                object_store: ObjectStoreResource, compute: ComputeResource, ray: RayResource) -> dg.MaterializeResult:
     """CMA-ES over the Calibri coefficients (resumable: state after every generation in the object store)."""
     import polars as pl
 
@@ -450,10 +449,14 @@ def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
 
     t0 = time.perf_counter()
     try:
-        result = calibrate(backbone, space, train, val, _reward(reward), steps=preset.calibration_steps,
-                           n_models=preset.n_models, warm_start=warm, config=search_config,
-                           store=store.state_store(state_prefix), run_name="cmaes", on_generation=on_generation,
-                           max_batch=preset.max_batch)
+        from calibri_pipeline.method.ray_eval import ModelFactory
+
+        # with a Ray address, populations are scored on Ray actors holding their own replicas
+        with ray.population_evaluator(ModelFactory(model, store.url, compute.device, compute.dtype)) as evaluator:
+            result = calibrate(backbone, space, train, val, _reward(reward), steps=preset.calibration_steps,
+                               n_models=preset.n_models, warm_start=warm, config=search_config,
+                               store=store.state_store(state_prefix), run_name="cmaes", on_generation=on_generation,
+                               max_batch=preset.max_batch, evaluator=evaluator)
     except BaseException:
         cat.replace("calibration_runs", pl.DataFrame([dict(base_row, status="failed", ended_at=_now())]), {"run_id": run_id})
         raise
