@@ -104,28 +104,46 @@ def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
     torch.testing.assert_close(model.get_submodule(target).weight, original.get_submodule(target).weight * c)
 
 
-def test_rematerializing_a_partition_adds_no_rows(demo_home, monkeypatch):
+def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     import dagster as dg
 
     home, _ = demo_home
     monkeypatch.setenv("CALIBRI_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS as ALL_ASSETS
     from calibri_pipeline.assets.automation import _asset_config
-    from calibri_pipeline.assets.pipeline import baseline_images, baseline_scores, prompt_embeddings, prompts
     from calibri_pipeline.demo import SIZES
     from calibri_pipeline.resources import default_resources
 
     cat = _catalog(home)
-    tables = ["prompts", "images", "scores"]
-    before = {t: cat.count(t) for t in tables}
-    assets = [prompts, prompt_embeddings, baseline_images, baseline_scores]
+    tables = [t for t in cat.tables() if t != "catalog_meta"]
+    objects = home / "objects"
+
+    def state():
+        files = sorted(str(p.relative_to(objects)) for p in objects.rglob("*") if p.is_file())
+        return {t: cat.count(t) for t in tables}, files
+
+    before = state()
+    assert all(n > 0 for n in before[0].values()), before[0]  # every table has rows to duplicate
     result = dg.materialize(
-        assets, partition_key=dg.MultiPartitionKey({"model": "toy", "reward": "world_score"}),
+        ALL_ASSETS, partition_key=dg.MultiPartitionKey({"model": "toy", "reward": "world_score"}),
         instance=dg.DagsterInstance.get(), resources=default_resources(),
-        run_config=_asset_config(assets, **SIZES["tiny"], preset="embedded-default"),
+        run_config=_asset_config(ALL_ASSETS, **SIZES["tiny"], preset="embedded-default"),
     )
     assert result.success
-    assert {t: cat.count(t) for t in tables} == before
+    after = state()
+    assert after[0] == before[0]  # same rows per table
+    assert after[1] == before[1]  # same objects: images, embeddings, CMA-ES state, checkpoint files
+    # and no duplicates by natural key
+    for table, key in (("images", "image_id"), ("scores", "image_id, reward"), ("prompts", "prompt_set, prompt_id"),
+                       ("cmaes_candidates", "run_id, generation, candidate"), ("cmaes_generations", "run_id, generation"),
+                       ("evaluations", "run_key, reward, calibration, nfe"), ("calibration_runs", "run_id"),
+                       ("diversity", "run_key, calibration, nfe, prompt_id")):
+        dupes = cat.query(f"SELECT count(*) - count(DISTINCT ({key})) AS d FROM {table}").item()
+        assert dupes == 0, (table, key)
+    # the finished calibration was replayed from its stored state, not searched again
+    run = cat.query("SELECT status, generations FROM calibration_runs").row(0, named=True)
+    assert run["status"] == "finished" and run["generations"] == before[0]["cmaes_generations"]
 
 
 def test_checkpoint_sensor_adds_partition_and_requests_warm_started_run(tmp_path, monkeypatch):

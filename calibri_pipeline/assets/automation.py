@@ -10,20 +10,21 @@ import dagster as dg
 
 from calibri_pipeline.assets.common import MODEL_PARTITIONS, PARTITIONS
 from calibri_pipeline.assets.pipeline import (
-    ALL_ASSETS,
+    PARTITIONED_ASSETS,
     baseline_images,
     baseline_scores,
     calibrated_checkpoint,
     calibration,
     diversity,
     evaluation,
+    paper_tables,
     prompt_embeddings,
     prompts,
 )
 from calibri_pipeline.presets import PRESETS
 from calibri_pipeline.resources import CatalogResource, ObjectStoreResource
 
-CONFIGURABLE = [a for a in ALL_ASSETS if a is not calibrated_checkpoint]
+CONFIGURABLE = [a for a in PARTITIONED_ASSETS if a is not calibrated_checkpoint]
 RECALIBRATE = [prompts, prompt_embeddings, baseline_images, baseline_scores, calibration, evaluation, diversity,
                calibrated_checkpoint]
 DEFAULT_RECALIBRATION_REWARD = os.environ.get("CALIBRI_SENSOR_REWARD", "world_score")
@@ -42,9 +43,9 @@ evaluate_job = dg.define_asset_job("evaluate", selection=[evaluation, diversity]
 PRESET_JOBS = [
     dg.define_asset_job(
         f"preset__{name.replace('-', '_')}",
-        selection=ALL_ASSETS,
+        selection=PARTITIONED_ASSETS,
         
-        config=_asset_config(ALL_ASSETS, preset=name),
+        config=_asset_config(PARTITIONED_ASSETS, preset=name),
         description=f"{name}: {preset.notes} (model key '{preset.model}', reward '{preset.reward}')",
     )
     for name, preset in PRESETS.items()
@@ -144,6 +145,8 @@ def reevaluate_schedule(context: dg.ScheduleEvaluationContext, catalog: CatalogR
     return requests or dg.SkipReason("no finished calibration to re-evaluate")
 
 
-ALL_JOBS = [recalibrate_job, evaluate_job, *PRESET_JOBS]
+paper_tables_job = dg.define_asset_job("build_paper_tables", selection=[paper_tables],
+                                      description="Tables 2, 6, 7 over every calibrated partition")
+ALL_JOBS = [recalibrate_job, evaluate_job, paper_tables_job, *PRESET_JOBS]
 ALL_SENSORS = [checkpoint_sensor]
 ALL_SCHEDULES = [reevaluate_schedule]
