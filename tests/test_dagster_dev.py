@@ -42,12 +42,13 @@ def _subprocess_env(tmp_path: Path) -> dict[str, str]:
 
 # -- resources ------------------------------------------------------------------------------------
 def test_default_resources_follow_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CALIBRI_CATALOG", "CALIBRI_OBJECT_STORE", "CALIBRI_DEVICE", "CALIBRI_DTYPE"):
+    for name in ("CALIBRI_CATALOG", "CALIBRI_OBJECT_STORE", "CALIBRI_DEVICE", "CALIBRI_DTYPE", "CALIBRI_RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CALIBRI_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("CALIBRI_THREADS", "2")
     resources = default_resources()
-    assert set(resources) == {"compute", "object_store", "catalog"}
+    assert set(resources) == {"compute", "object_store", "catalog", "ray"}
+    assert resources["ray"].address is None  # in-process unless CALIBRI_RAY_ADDRESS says otherwise
     assert resources["catalog"].path == str(tmp_path / "home" / "catalog.duckdb")
     assert resources["object_store"].url == str(tmp_path / "home" / "objects")
     assert (resources["compute"].device, resources["compute"].dtype, resources["compute"].threads) == ("auto", "float32", 2)

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from calibri_pipeline.resources.compute import GPU_POOL, ComputeResource, set_gpu_pool_limit
+from calibri_pipeline.resources.ray import RayResource
 from calibri_pipeline.resources.storage import CatalogResource, ObjectStoreResource
 from calibri_pipeline.storage.paths import default_catalog_path, default_object_store_url
 
@@ -14,6 +15,7 @@ __all__ = [
     "CatalogResource",
     "ComputeResource",
     "ObjectStoreResource",
+    "RayResource",
     "default_resources",
     "set_gpu_pool_limit",
 ]
@@ -23,12 +25,16 @@ def default_resources() -> dict[str, Any]:
     """The resources every asset can ask for, configured from the environment at load time.
 
     ``CALIBRI_DEVICE`` (auto), ``CALIBRI_DTYPE`` (float32), ``CALIBRI_THREADS`` (torch default),
-    ``CALIBRI_OBJECT_STORE`` / ``CALIBRI_CATALOG`` / ``CALIBRI_HOME`` (see storage.paths). Paths are
+    ``CALIBRI_OBJECT_STORE`` / ``CALIBRI_CATALOG`` / ``CALIBRI_HOME`` (see storage.paths),
+    ``CALIBRI_RAY_ADDRESS`` (unset: in-process) / ``CALIBRI_RAY_WORKERS`` (2). Paths are
     resolved here so the UI shows where things actually go.
     """
     threads = os.environ.get("CALIBRI_THREADS", "").strip()
     if threads and not threads.isdigit():
         raise ValueError(f"CALIBRI_THREADS must be a positive integer, got {threads!r}")
+    ray_workers = os.environ.get("CALIBRI_RAY_WORKERS", "").strip() or "2"
+    if not ray_workers.isdigit() or int(ray_workers) < 1:
+        raise ValueError(f"CALIBRI_RAY_WORKERS must be a positive integer, got {ray_workers!r}")
     return {
         "compute": ComputeResource(
             device=os.environ.get("CALIBRI_DEVICE", "auto"),
@@ -37,4 +43,5 @@ def default_resources() -> dict[str, Any]:
         ),
         "object_store": ObjectStoreResource(url=default_object_store_url()),
         "catalog": CatalogResource(path=str(default_catalog_path())),
+        "ray": RayResource(address=os.environ.get("CALIBRI_RAY_ADDRESS") or None, n_workers=int(ray_workers)),
     }
