@@ -304,13 +304,8 @@ def baseline_scores_are_finite(context: dg.AssetCheckExecutionContext, catalog: 
 # ------------------------------------------------------------------------------------------------
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
-def block_ablation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                   object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
-    """Each block bypassed in turn: reward change vs the unmodified model, bootstrap CIs (Fig. 3a)."""
-    import polars as pl
-
-    from calibri_pipeline.method.analysis import block_ablation as run_ablation
+def _block_analysis_inputs(context, config, catalog, object_store, compute):
+    """What both Fig. 3 analyses need: the model at block granularity and the val prompts to use."""
     from calibri_pipeline.method.space import CalibrationSpace
 
     model, reward, run_key = partition(context)
@@ -320,6 +315,18 @@ def block_ablation(context: dg.AssetExecutionContext, config: CalibriConfig, cat
     warm_text_cache(backbone, store, model, reward)
     val = load_prompt_set(catalog.catalog, run_key, "val")[: preset.ablation_prompts]
     space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    return model, reward, preset, backbone, space, val
+
+
+@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
+def block_ablation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
+                   object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+    """Each block bypassed in turn: reward change vs the unmodified model, bootstrap CIs (Fig. 3a)."""
+    import polars as pl
+
+    from calibri_pipeline.method.analysis import block_ablation as run_ablation
+
+    model, reward, preset, backbone, space, val = _block_analysis_inputs(context, config, catalog, object_store, compute)
     result = run_ablation(backbone, space, val, _reward(reward), seeds=preset.ablation_seeds,
                           steps=preset.calibration_steps, max_batch=preset.max_batch)
     t = result.table
@@ -340,15 +347,8 @@ def scale_sweep(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
     import polars as pl
 
     from calibri_pipeline.method.analysis import scale_sweep as run_sweep
-    from calibri_pipeline.method.space import CalibrationSpace
 
-    model, reward, run_key = partition(context)
-    store = object_store.store
-    preset = _preset(config, model, store)
-    backbone = _backbone(model, compute, store)
-    warm_text_cache(backbone, store, model, reward)
-    val = load_prompt_set(catalog.catalog, run_key, "val")[: preset.ablation_prompts]
-    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    model, reward, preset, backbone, space, val = _block_analysis_inputs(context, config, catalog, object_store, compute)
     result = run_sweep(backbone, space, val, _reward(reward), alphas=preset.sweep_alphas, seeds=preset.ablation_seeds,
                        steps=preset.calibration_steps, max_batch=preset.max_batch)
     t = result.table
