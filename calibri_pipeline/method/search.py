@@ -1,0 +1,894 @@
+"""CMA-ES search for Calibri vectors (paper §3.3-3.4, §4): ask/tell on pycma, resumable.
+
+The search is split in two layers:
+
+- :class:`CalibrationRun` is the algorithm on an abstract :class:`PopulationObjective` (anything that
+  scores a population of vectors on a bucket of training items and a single vector on the fixed
+  validation set). It owns the bucket schedule, common random numbers, validation selection,
+  stopping rules, records and resumption, and knows nothing about images.
+- :func:`calibrate` builds the objective for a real backbone + rewards
+  (:class:`calibri_pipeline.method.population.RewardObjective`) and the search vector layout
+  (:class:`~calibri_pipeline.method.ensemble.EnsembleLayout`), and returns coefficients per model.
+
+Resumption is by *replay*, not pickling: every generation's candidates and fitnesses are stored as
+JSON; on restart a fresh ``CMAEvolutionStrategy`` with the same seed re-asks and re-tells them. pycma
+draws from NumPy's global RNG, so every pycma call runs inside a private copy of that RNG
+(:class:`_PrivateNumpyRandom`): other code touching ``np.random`` can neither perturb the search nor
+be perturbed by it, and replay sees exactly the same random stream. Each stored generation carries a
+SHA-256 of the strategy's state (mean, step size, covariance, paths, RNG), so a replay that would
+not be bit-identical (another pycma or NumPy version) fails loudly instead of silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from calibri_pipeline.method.state_store import StateStore, check_state_name
+
+if TYPE_CHECKING:
+    import polars as pl
+    import torch
+
+    from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.ensemble import EnsembleLayout
+    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.prompts.base import Prompt
+    from calibri_pipeline.rewards.base import Reward
+
+STATE_FORMAT = "calibri-cma-run/1"
+VALIDATE_CHOICES = ("mean", "best")
+
+GenerationCallback = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Hyper-parameters of one CMA-ES calibration (defaults: the paper's, where it gives them).
+
+    - ``popsize=None`` is pycma's default ``4 + floor(3 ln N)``.
+    - ``bucket_size`` training prompts per generation (paper: 16), each with ``seeds_per_prompt``
+      noise seeds; all candidates of a generation share prompts and seeds (common random numbers).
+    - validation runs on generation 0 (x0, i.e. the baseline), then every ``val_every`` generations
+      and at the last one; ``validate="mean"`` validates the distribution mean after the update,
+      ``"best"`` the generation's best training candidate. The result is the best *validated* vector.
+    - stopping: ``max_generations``; σ plateau (σ moved by less than ``sigma_plateau_tol``
+      relative to its value ``sigma_plateau_window`` generations earlier, throughout that window);
+      ``patience`` validations in a row without a gain of more than ``min_val_gain``; pycma's own
+      numerical stopping criteria when ``honor_cma_stop`` (its fitness-based rules -- flat fitness,
+      ``tolfun``, ``tolfunhist`` -- are disabled: every generation scores a different bucket, and a
+      discrete reward such as accuracy is often flat on 16 prompts).
+    """
+
+    sigma0: float = 0.25
+    popsize: int | None = None
+    max_generations: int = 100
+    bucket_size: int = 16
+    seeds_per_prompt: int = 1
+    val_every: int = 5
+    validate: str = "mean"
+    patience: int | None = 5
+    min_val_gain: float = 0.0
+    sigma_plateau_window: int | None = 20
+    sigma_plateau_tol: float = 1e-3
+    honor_cma_stop: bool = True
+    coefficient_bounds: tuple[float, float] = (-1.0, 2.0)
+    weight_bounds: tuple[float, float] = (-10.0, 10.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                extra = " or None" if allow_none else ""
+                raise ValueError(f"SearchConfig.{name} must be a positive int{extra}, got {value!r}")
+
+        if not (isinstance(self.sigma0, (int, float)) and self.sigma0 > 0 and math.isfinite(self.sigma0)):
+            raise ValueError(f"SearchConfig.sigma0 must be a positive number, got {self.sigma0!r}")
+        positive_int("popsize", self.popsize, allow_none=True)
+        if self.popsize is not None and self.popsize < 2:
+            raise ValueError(f"SearchConfig.popsize must be >= 2 (CMA-ES ranks candidates), got {self.popsize}")
+        positive_int("max_generations", self.max_generations)
+        positive_int("bucket_size", self.bucket_size)
+        positive_int("seeds_per_prompt", self.seeds_per_prompt)
+        positive_int("val_every", self.val_every)
+        positive_int("patience", self.patience, allow_none=True)
+        positive_int("sigma_plateau_window", self.sigma_plateau_window, allow_none=True)
+        if self.validate not in VALIDATE_CHOICES:
+            raise ValueError(f"SearchConfig.validate must be one of {VALIDATE_CHOICES}, got {self.validate!r}")
+        if not (self.min_val_gain >= 0):
+            raise ValueError(f"SearchConfig.min_val_gain must be >= 0, got {self.min_val_gain!r}")
+        if not (self.sigma_plateau_tol >= 0):
+            raise ValueError(f"SearchConfig.sigma_plateau_tol must be >= 0, got {self.sigma_plateau_tol!r}")
+        for name in ("coefficient_bounds", "weight_bounds"):
+            value = getattr(self, name)
+            if len(value) != 2 or not (float(value[0]) < float(value[1])):
+                raise ValueError(f"SearchConfig.{name} must be (low, high) with low < high, got {value!r}")
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"SearchConfig.seed must be a non-negative int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["coefficient_bounds"] = list(self.coefficient_bounds)
+        d["weight_bounds"] = list(self.weight_bounds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SearchConfig fields {unknown}; allowed: {sorted(known)}")
+        d = dict(d)
+        for name in ("coefficient_bounds", "weight_bounds"):
+            if name in d:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+
+def default_popsize(dimension: int) -> int:
+    """pycma's default population size ``4 + floor(3 ln N)``."""
+    if dimension < 1:
+        raise ValueError(f"dimension must be >= 1, got {dimension}")
+    return 4 + int(math.floor(3 * math.log(dimension)))
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets: which training items and noise seeds a generation sees
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The training images of one generation: item (prompt) indices and their noise seeds, ``[B]`` each.
+
+    Every candidate of the generation is scored on exactly these (common random numbers).
+    """
+
+    generation: int
+    item_indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.item_indices)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "item_indices": list(self.item_indices), "seeds": list(self.seeds)}
+
+
+def make_bucket(seed: int, generation: int, n_items: int, bucket_size: int, seeds_per_prompt: int = 1) -> Bucket:
+    """The bucket of ``generation``: a pure function of its arguments, so a resumed run gets the same data.
+
+    Items are drawn epoch by epoch from seeded permutations of all training items (every item is
+    used once per epoch; buckets may straddle two epochs), noise seeds from a per-generation stream.
+    """
+    if n_items < bucket_size:
+        raise ValueError(
+            f"bucket_size={bucket_size} needs at least that many training prompts, got {n_items}; "
+            "lower SearchConfig.bucket_size or add training prompts"
+        )
+    start = generation * bucket_size
+    picked: list[int] = []
+    epoch = start // n_items
+    offset = start % n_items
+    while len(picked) < bucket_size:
+        order = np.random.default_rng([seed, 0xB0C4E7, epoch]).permutation(n_items)
+        take = order[offset : offset + bucket_size - len(picked)]
+        picked.extend(int(i) for i in take)
+        epoch, offset = epoch + 1, 0
+    noise = np.random.default_rng([seed, 0x5EED5, generation]).integers(0, 2**31 - 1, size=bucket_size * seeds_per_prompt)
+    items = tuple(i for i in picked for _ in range(seeds_per_prompt))
+    return Bucket(generation, items, tuple(int(s) for s in noise))
+
+
+def validation_seeds(seed: int, n_items: int, seeds_per_prompt: int = 1) -> list[int]:
+    """Fixed noise seeds of the validation images (the same for every validated vector)."""
+    rng = np.random.default_rng([seed, 0x7A11D])
+    return [int(s) for s in rng.integers(0, 2**31 - 1, size=n_items * seeds_per_prompt)]
+
+
+# --------------------------------------------------------------------------------------------
+# The objective the search optimises
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PopulationScores:
+    """Scores of a population, higher is better: ``fitness [P]`` and named components ``[P]`` each."""
+
+    fitness: np.ndarray
+    components: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.fitness = np.asarray(self.fitness, dtype=np.float64).reshape(-1)
+        self.components = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.components.items()}
+        for name, values in self.components.items():
+            if values.shape != self.fitness.shape:
+                raise ValueError(f"component {name!r} has {values.size} scores for {self.fitness.size} candidates")
+        if not np.all(np.isfinite(self.fitness)):
+            raise ValueError("the objective returned non-finite fitness values")
+
+
+class PopulationObjective(Protocol):
+    """What :class:`CalibrationRun` optimises. Both methods must be deterministic."""
+
+    n_train_items: int
+
+    def train(self, vectors: np.ndarray, bucket: Bucket) -> PopulationScores:
+        """Score ``vectors [P, D]`` on the bucket (all candidates see the same items and seeds)."""
+        ...
+
+    def validate(self, vectors: np.ndarray) -> PopulationScores:
+        """Score ``vectors [K, D]`` on the fixed validation items and seeds."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of the objective (data, rewards, sampler settings) for resume checks."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# pycma plumbing
+# --------------------------------------------------------------------------------------------
+
+
+class _PrivateNumpyRandom:
+    """A private NumPy global-RNG stream: pycma only ever sees this one, nobody else touches it.
+
+    Not thread-safe with respect to other threads using ``np.random`` at the same moment.
+    """
+
+    def __init__(self, seed: int) -> None:
+        saved = np.random.get_state()
+        try:
+            np.random.seed(seed)
+            self._state = np.random.get_state()
+        finally:
+            np.random.set_state(saved)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        saved = np.random.get_state()
+        np.random.set_state(self._state)
+        try:
+            yield
+        finally:
+            self._state = np.random.get_state()
+            np.random.set_state(saved)
+
+    def digest(self) -> bytes:
+        kind, keys, pos, has_gauss, cached = self._state
+        return hashlib.sha256(
+            kind.encode() + np.asarray(keys, dtype=np.uint32).tobytes() + np.array([pos, has_gauss], np.int64).tobytes()
+            + np.float64(cached).tobytes()
+        ).digest()
+
+
+def _pycma_seed(seed: int) -> int:
+    # pycma treats seed 0 as "use the clock": derive a non-zero 32-bit seed from ours
+    return int(np.random.SeedSequence([seed, 0xC4A]).generate_state(1)[0]) or 1
+
+
+def _strategy_digest(es: Any, rng: _PrivateNumpyRandom) -> str:
+    parts = [
+        np.asarray(es.mean, dtype=np.float64).tobytes(),
+        np.float64(es.sigma).tobytes(),
+        np.asarray(es.sm.C, dtype=np.float64).tobytes(),
+        np.asarray(es.pc, dtype=np.float64).tobytes(),
+        np.asarray(getattr(es.adapt_sigma, "ps", np.zeros(1)), dtype=np.float64).tobytes(),
+        np.array([es.countiter, es.countevals], dtype=np.int64).tobytes(),
+        rng.digest(),
+    ]
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Normalise to what a JSON round trip gives (tuples -> lists, numpy scalars -> Python)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in the run state")
+
+
+def _fingerprint_diff(stored: Any, current: Any, path: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        diffs = []
+        for key in sorted(set(stored) | set(current)):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in stored or key not in current:
+                diffs.append(sub)
+            else:
+                diffs.extend(_fingerprint_diff(stored[key], current[key], sub))
+        return diffs
+    return [] if stored == current else [path or "<root>"]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search. ``vector`` is the best by validation (x0 when nothing beat the baseline)."""
+
+    vector: np.ndarray
+    val_score: float
+    baseline_val_score: float
+    best_generation: int
+    x0: np.ndarray
+    stop_reason: str
+    generations: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    validations: list[dict[str, Any]]
+    popsize: int
+    dimension: int
+    replayed_generations: int = 0
+    names: list[str] | None = None  # one per coordinate of the vectors, when the caller gave them
+
+    @property
+    def n_generations(self) -> int:
+        return len(self.generations)
+
+    @property
+    def improved(self) -> bool:
+        return self.val_score > self.baseline_val_score
+
+    def generations_frame(self) -> "pl.DataFrame":
+        import polars as pl
+
+        return pl.DataFrame(self.generations)
+
+    def candidates_frame(self) -> "pl.DataFrame":
+        import polars as pl
+
+        return pl.DataFrame(self.candidates)
+
+    def validations_frame(self) -> "pl.DataFrame":
+        import polars as pl
+
+        return pl.DataFrame(self.validations)
+
+
+class CalibrationRun:
+    """One CMA-ES search over vectors of length ``len(x0)`` within per-coordinate bounds.
+
+    ``run()`` resumes from ``store`` when it holds a run named ``run_name`` with the same
+    fingerprint (configuration, x0, bounds and ``objective.describe()``); a different fingerprint is
+    an error, so a stale state is never silently continued. ``resume=False`` starts over.
+    """
+
+    def __init__(
+        self,
+        objective: PopulationObjective,
+        x0: Sequence[float] | np.ndarray,
+        lower: Sequence[float],
+        upper: Sequence[float],
+        config: SearchConfig | None = None,
+        *,
+        store: StateStore | None = None,
+        run_name: str = "calibration",
+        on_generation: GenerationCallback | None = None,
+        resume: bool = True,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.objective = objective
+        self.config = config if config is not None else SearchConfig()
+        if not isinstance(self.config, SearchConfig):
+            raise TypeError(f"config must be a SearchConfig, got {type(self.config).__name__}")
+        self.x0 = np.array(x0, dtype=np.float64).reshape(-1)
+        self.lower = np.array(lower, dtype=np.float64).reshape(-1)
+        self.upper = np.array(upper, dtype=np.float64).reshape(-1)
+        d = self.x0.size
+        if d < 1:
+            raise ValueError("x0 must have at least one coordinate")
+        if self.lower.size != d or self.upper.size != d:
+            raise ValueError(f"bounds must have {d} entries like x0, got lower={self.lower.size}, upper={self.upper.size}")
+        if not np.all(np.isfinite(self.x0)):
+            raise ValueError("x0 contains NaN or infinite values")
+        if not np.all(self.lower < self.upper):
+            raise ValueError("every lower bound must be below its upper bound")
+        outside = np.flatnonzero((self.x0 < self.lower) | (self.x0 > self.upper))
+        if outside.size:
+            i = int(outside[0])
+            raise ValueError(
+                f"x0 lies outside the bounds at {outside.size} coordinate(s), e.g. [{i}] = {self.x0[i]} not in "
+                f"[{self.lower[i]}, {self.upper[i]}]; widen the bounds or clip the warm start"
+            )
+        if names is not None and len(names) != d:
+            raise ValueError(f"names must have {d} entries, got {len(names)}")
+        self.names = list(names) if names is not None else None
+        n_items = int(getattr(objective, "n_train_items"))
+        if n_items < self.config.bucket_size:
+            raise ValueError(
+                f"bucket_size={self.config.bucket_size} needs at least that many training prompts, got {n_items}"
+            )
+        self.popsize = self.config.popsize or default_popsize(d)
+        self.store = store
+        self.run_name = check_state_name(run_name)
+        self.on_generation = on_generation
+        self.resume = resume
+
+    # -- state names -------------------------------------------------------------------------
+
+    def _manifest_name(self) -> str:
+        return f"{self.run_name}/manifest.json"
+
+    def _generation_name(self, generation: int) -> str:
+        return f"{self.run_name}/generation-{generation:06d}.json"
+
+    def fingerprint(self) -> dict[str, Any]:
+        import cma
+
+        return _jsonable(
+            {
+                "format": STATE_FORMAT,
+                "config": self.config.to_dict(),
+                "popsize": self.popsize,
+                "x0": self.x0.tolist(),
+                "lower": self.lower.tolist(),
+                "upper": self.upper.tolist(),
+                "objective": self.objective.describe(),
+                "cma_options": self._cma_options(),
+                "pycma": cma.__version__,
+                "numpy": np.__version__,
+            }
+        )
+
+    # -- pycma -------------------------------------------------------------------------------
+
+    def _cma_options(self) -> dict[str, Any]:
+        return {
+            "popsize": self.popsize,
+            "bounds": [self.lower.tolist(), self.upper.tolist()],
+            "verbose": -9,
+            "verb_disp": 0,
+            "verb_log": 0,
+            # fitness-based termination compares values across generations, but every generation
+            # scores a different bucket: those differences are data noise, not convergence
+            "tolflatfitness": 10**9,
+            "tolfun": 0,
+            "tolfunhist": 0,
+            "maxiter": 10**9,
+        }
+
+    def _new_strategy(self) -> tuple[Any, _PrivateNumpyRandom]:
+        import cma
+
+        rng = _PrivateNumpyRandom(_pycma_seed(self.config.seed))
+        options = dict(self._cma_options(), seed=np.nan)  # nan: "do nothing", the private RNG is seeded
+        with rng.active():
+            es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.config.sigma0, options)
+        return es, rng
+
+    def _ask(self, es: Any, rng: _PrivateNumpyRandom, generation: int) -> list[np.ndarray]:
+        with rng.active():
+            if generation == 0:
+                # inject x0's genotype so the first candidate *is* x0 even where the bound transform
+                # is not the identity (a warm start on a bound)
+                es.inject([es.boundary_handler.inverse(self.x0.copy())], force=True)
+            return es.ask()
+
+    def _tell(self, es: Any, rng: _PrivateNumpyRandom, candidates: list[np.ndarray], fitness: np.ndarray) -> dict[str, Any]:
+        with rng.active():
+            es.tell(candidates, [-float(f) for f in fitness])  # pycma minimises
+            stop = es.stop() if self.config.honor_cma_stop else {}
+            mean = np.array(es.result.xfavorite, dtype=np.float64)
+        return {"sigma": float(es.sigma), "mean": mean, "cma_stop": sorted(str(k) for k in stop)}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        cfg = self.config
+        fingerprint = self.fingerprint()
+        es, rng = self._new_strategy()
+        generations: list[dict[str, Any]] = []
+        candidates: list[dict[str, Any]] = []
+        validations: list[dict[str, Any]] = []
+        sigmas: list[float] = []
+        stop_reason: str | None = None
+        replayed = 0
+
+        stored = self._load_stored(fingerprint) if (self.store is not None and self.resume) else None
+        if stored is not None:
+            for record in stored["generations"]:
+                asked = self._ask(es, rng, record["generation"])
+                expected = np.array(record["candidates"], dtype=np.float64)
+                if len(asked) != expected.shape[0] or not np.array_equal(np.array(asked), expected):
+                    raise RuntimeError(
+                        f"replaying run {self.run_name!r}: CMA-ES proposed different candidates at generation "
+                        f"{record['generation']} than the stored run; the state cannot be resumed exactly"
+                    )
+                told = self._tell(es, rng, asked, np.array(record["fitness"], dtype=np.float64))
+                if _strategy_digest(es, rng) != record["strategy_sha256"]:
+                    raise RuntimeError(
+                        f"replaying run {self.run_name!r}: the CMA-ES state after generation {record['generation']} "
+                        "differs from the stored one (different pycma/NumPy build?); start over with resume=False"
+                    )
+                sigmas.append(told["sigma"])
+                self._collect(record, generations, candidates, validations)
+            replayed = len(stored["generations"])
+            stop_reason = stored["manifest"].get("stop_reason")
+
+        best = self._best_validation(validations)
+        stale = self._stale_count(validations)
+        generation = len(generations)
+        while stop_reason is None:
+            started = time.perf_counter()
+            asked = self._ask(es, rng, generation)
+            population = np.array(asked, dtype=np.float64)
+            bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
+            scores = self.objective.train(population, bucket)
+            if scores.fitness.shape != (len(asked),):
+                raise ValueError(f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates")
+            told = self._tell(es, rng, asked, scores.fitness)
+            sigmas.append(told["sigma"])
+
+            # which vector (if any) to validate now, and whether the run stops after this generation
+            done = generation + 1
+            reason = self._stop_reason(done, sigmas, told["cma_stop"], stale)
+            val_vector, val_source = None, None
+            if generation == 0:
+                val_vector, val_source = self.x0.copy(), "x0"
+            elif generation % cfg.val_every == 0 or reason is not None:
+                if cfg.validate == "mean":
+                    val_vector, val_source = told["mean"], "mean"
+                else:
+                    val_vector, val_source = population[int(np.argmax(scores.fitness))], "best"
+            validation = None
+            if val_vector is not None:
+                val_scores = self.objective.validate(val_vector[None, :])
+                score = float(val_scores.fitness[0])
+                is_best = best is None or score > best["score"] + cfg.min_val_gain
+                validation = {
+                    "generation": generation,
+                    "source": val_source,
+                    "score": score,
+                    "components": {k: float(v[0]) for k, v in val_scores.components.items()},
+                    "vector": val_vector.tolist(),
+                    "is_best": bool(is_best),
+                }
+                if is_best:
+                    best, stale = validation, 0
+                elif generation > 0:
+                    stale += 1
+                if reason is None:
+                    reason = self._stop_reason(done, sigmas, told["cma_stop"], stale)
+
+            best_index = int(np.argmax(scores.fitness))
+            record = {
+                "generation": generation,
+                "bucket": bucket.to_dict(),
+                "candidates": population.tolist(),
+                "fitness": scores.fitness.tolist(),
+                "components": {k: v.tolist() for k, v in scores.components.items()},
+                "sigma": told["sigma"],
+                "mean": told["mean"].tolist(),
+                "train_mean": float(np.mean(scores.fitness)),
+                "train_best": float(scores.fitness[best_index]),
+                "train_best_index": best_index,
+                "validation": validation,
+                "stop_reason": reason,
+                "seconds": time.perf_counter() - started,
+                "strategy_sha256": _strategy_digest(es, rng),
+            }
+            self._save(record, fingerprint, stop_reason=reason)
+            row = self._collect(record, generations, candidates, validations)
+            if self.on_generation is not None:
+                self.on_generation(row)
+            stop_reason = reason
+            generation += 1
+
+        best = self._best_validation(validations)
+        if best is None:  # only possible for a stored run from before its first validation
+            raise RuntimeError(f"run {self.run_name!r} finished without any validation")
+        return SearchResult(
+            vector=np.array(best["vector"], dtype=np.float64),
+            val_score=float(best["score"]),
+            baseline_val_score=float(validations[0]["score"]),
+            best_generation=int(best["generation"]),
+            x0=self.x0.copy(),
+            stop_reason=stop_reason,
+            generations=generations,
+            candidates=candidates,
+            validations=validations,
+            popsize=self.popsize,
+            dimension=self.x0.size,
+            replayed_generations=replayed,
+            names=self.names,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _stop_reason(self, done: int, sigmas: list[float], cma_stop: list[str], stale: int) -> str | None:
+        cfg = self.config
+        if done >= cfg.max_generations:
+            return "max_generations"
+        if cfg.patience is not None and stale >= cfg.patience:
+            return "no_val_gain"
+        w = cfg.sigma_plateau_window
+        if w is not None and len(sigmas) > w:
+            ref = sigmas[-w - 1]
+            if ref > 0 and max(abs(s / ref - 1.0) for s in sigmas[-w:]) < cfg.sigma_plateau_tol:
+                return "sigma_plateau"
+        if cma_stop:
+            return "cma:" + ",".join(cma_stop)
+        return None
+
+    @staticmethod
+    def _best_validation(validations: list[dict[str, Any]]) -> dict[str, Any] | None:
+        best = None
+        for v in validations:
+            if v["is_best"]:
+                best = v
+        return best
+
+    @staticmethod
+    def _stale_count(validations: list[dict[str, Any]]) -> int:
+        stale = 0
+        for v in validations:
+            stale = 0 if v["is_best"] else stale + 1
+        return stale
+
+    def _collect(
+        self,
+        record: dict[str, Any],
+        generations: list[dict[str, Any]],
+        candidates: list[dict[str, Any]],
+        validations: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        g = record["generation"]
+        for i, (vector, fit) in enumerate(zip(record["candidates"], record["fitness"])):
+            row = {"generation": g, "index": i, "fitness": fit, "injected_x0": g == 0 and i == 0}
+            for name, values in record["components"].items():
+                row[f"train/{name}"] = values[i]
+            row["vector"] = vector
+            candidates.append(row)
+        val = record["validation"]
+        if val is not None:
+            validations.append(val)
+        row = {
+            "generation": g,
+            "sigma": record["sigma"],
+            "train_mean": record["train_mean"],
+            "train_best": record["train_best"],
+            "train_best_index": record["train_best_index"],
+            "val_score": None if val is None else val["score"],
+            "val_source": None if val is None else val["source"],
+            "val_is_best": None if val is None else val["is_best"],
+            "bucket_items": record["bucket"]["item_indices"],
+            "bucket_seeds": record["bucket"]["seeds"],
+            "seconds": record["seconds"],
+            "stop_reason": record["stop_reason"],
+        }
+        generations.append(row)
+        return row
+
+    def _save(self, record: dict[str, Any], fingerprint: dict[str, Any], stop_reason: str | None) -> None:
+        if self.store is None:
+            return
+        g = record["generation"]
+        # the generation file first, then the manifest that makes it count: a crash in between
+        # leaves a stray file that the resumed run recomputes (identically) and overwrites
+        self.store.save(self._generation_name(g), json.dumps(record, default=_json_default).encode())
+        manifest = {
+            "format": STATE_FORMAT,
+            "fingerprint": fingerprint,
+            "generations_done": g + 1,
+            "finished": stop_reason is not None,
+            "stop_reason": stop_reason,
+        }
+        self.store.save(self._manifest_name(), json.dumps(manifest, default=_json_default).encode())
+
+    def _load_stored(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        assert self.store is not None
+        if not self.store.exists(self._manifest_name()):
+            return None
+        manifest = json.loads(self.store.load(self._manifest_name()))
+        if manifest.get("format") != STATE_FORMAT:
+            raise ValueError(f"run {self.run_name!r} in the store has format {manifest.get('format')!r}, expected {STATE_FORMAT!r}")
+        diffs = _fingerprint_diff(manifest["fingerprint"], fingerprint)
+        if diffs:
+            raise ValueError(
+                f"the store already holds a run named {self.run_name!r} with different settings "
+                f"({', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); use another run_name, or resume=False to overwrite"
+            )
+        records = []
+        for g in range(int(manifest["generations_done"])):
+            record = json.loads(self.store.load(self._generation_name(g)))
+            if record["generation"] != g:
+                raise ValueError(f"stored generation file {self._generation_name(g)} holds generation {record['generation']}")
+            records.append(record)
+        return {"manifest": manifest, "generations": records}
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrating a real backbone
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CalibrationResult:
+    """A finished calibration: the search result plus its meaning for the model."""
+
+    search: SearchResult
+    layout: "EnsembleLayout"
+    coefficient_names: list[str]
+    granularity: str
+    steps: int
+    guidance: float | None
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.search.vector
+
+    @property
+    def n_models(self) -> int:
+        return self.layout.n_models
+
+    @property
+    def coefficients(self) -> np.ndarray:
+        """``[n_models, size]``: the coefficients of every ensemble member."""
+        n, s = self.layout.n_models, self.layout.size
+        return self.search.vector[: n * s].reshape(n, s).copy()
+
+    @property
+    def weights(self) -> np.ndarray:
+        """``[n_models]`` ensemble weights."""
+        return self.search.vector[self.layout.n_models * self.layout.size :].copy()
+
+    @property
+    def val_score(self) -> float:
+        return self.search.val_score
+
+    @property
+    def baseline_val_score(self) -> float:
+        return self.search.baseline_val_score
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (what the pipeline stores next to the coefficients)."""
+        return {
+            "granularity": self.granularity,
+            "n_models": self.layout.n_models,
+            "ensemble_mode": self.layout.mode,
+            "names": list(self.coefficient_names),
+            "coefficients": self.coefficients.tolist(),
+            "weights": self.weights.tolist(),
+            "vector": self.search.vector.tolist(),
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "val_score": self.search.val_score,
+            "baseline_val_score": self.search.baseline_val_score,
+            "best_generation": self.search.best_generation,
+            "generations": self.search.n_generations,
+            "popsize": self.search.popsize,
+            "stop_reason": self.search.stop_reason,
+        }
+
+
+def calibrate(
+    backbone: "Backbone",
+    space: "CalibrationSpace",
+    train_prompts: Sequence["Prompt"],
+    val_prompts: Sequence["Prompt"],
+    rewards: "Reward | Sequence[Reward]",
+    *,
+    reward_weights: Mapping[str, float] | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    n_models: int = 1,
+    warm_start: "Sequence[float] | np.ndarray | torch.Tensor | None" = None,
+    config: SearchConfig | None = None,
+    val_seeds: Sequence[int] | None = None,
+    store: StateStore | None = None,
+    run_name: str = "calibration",
+    resume: bool = True,
+    on_generation: GenerationCallback | None = None,
+    max_batch: int | None = None,
+    memory_budget_mb: float | None = None,
+    evaluator: Any = None,
+) -> CalibrationResult:
+    """Calibrate ``backbone`` with CMA-ES and return the best coefficients by validation.
+
+    ``rewards`` are all scored and recorded; the fitness is ``sum(weight * reward)`` over
+    ``reward_weights`` (default: weight 1 for a single reward; rewards with
+    ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
+    (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
+    part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's.
+    ``evaluator`` scores populations elsewhere (e.g. a ``RayPopulationEvaluator``; default in-process).
+    """
+    import torch
+
+    from calibri_pipeline.method.ensemble import EnsembleLayout
+    from calibri_pipeline.method.population import RewardObjective
+
+    config = config if config is not None else SearchConfig()
+    steps = steps if steps is not None else backbone.default_steps
+    if guidance is None:
+        guidance = backbone.default_guidance
+    layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
+    if layout.search_size != space.search_size(n_models):
+        raise ValueError(f"layout search size {layout.search_size} != space.search_size({n_models}) = {space.search_size(n_models)}")
+    x0 = layout.initial(guidance if layout.mode == "cfg" else None).numpy().astype(np.float64)
+    if warm_start is not None:
+        warm = np.asarray(warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64).reshape(-1)
+        if warm.size == layout.search_size:
+            x0 = warm
+        elif warm.size == space.size:
+            x0[: n_models * space.size] = np.tile(warm, n_models)
+        else:
+            raise ValueError(
+                f"warm_start must have {layout.search_size} entries (a full search vector for n_models={n_models}) "
+                f"or {space.size} (one model's coefficients), got {warm.size}"
+            )
+    lower, upper = layout.bounds(config.coefficient_bounds, config.weight_bounds)
+    objective = RewardObjective(
+        backbone,
+        space,
+        train_prompts,
+        val_prompts,
+        rewards,
+        reward_weights=reward_weights,
+        steps=steps,
+        guidance=guidance,
+        n_models=n_models,
+        val_seeds=val_seeds if val_seeds is not None else validation_seeds(config.seed, len(val_prompts)),
+        max_batch=max_batch,
+        memory_budget_mb=memory_budget_mb,
+        evaluator=evaluator,
+    )
+    run = CalibrationRun(
+        objective,
+        x0,
+        lower,
+        upper,
+        config,
+        store=store,
+        run_name=run_name,
+        on_generation=on_generation,
+        resume=resume,
+        names=layout.names(space.names),
+    )
+    search = run.run()
+    return CalibrationResult(
+        search=search,
+        layout=layout,
+        coefficient_names=list(space.names),
+        granularity=space.granularity,
+        steps=steps,
+        guidance=guidance,
+    )
+
+
+__all__ = [
+    "SearchConfig",
+    "SearchResult",
+    "CalibrationRun",
+    "CalibrationResult",
+    "PopulationObjective",
+    "PopulationScores",
+    "Bucket",
+    "make_bucket",
+    "validation_seeds",
+    "default_popsize",
+    "calibrate",
+]

@@ -1,0 +1,234 @@
+"""Whole-population evaluation on a tiny random-init toy backbone (the real FluxTransformer2DModel class,
+the real MiniLM text encoder, the real sampler), and calibrate() end to end on it."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.population import (
+    RewardObjective,
+    estimate_image_memory_mb,
+    evaluate_population,
+    evaluate_population_loop,
+    max_batch_for_budget,
+)
+from calibri_pipeline.method.search import SearchConfig, calibrate, make_bucket, validation_seeds
+from calibri_pipeline.method.space import CalibrationSpace
+from calibri_pipeline.method.state_store import MemoryStateStore
+from calibri_pipeline.prompts.base import Prompt
+
+WORDS = ["red", "green", "blue", "yellow", "cube", "ball", "star", "ring", "small", "big", "left", "right"]
+
+
+class ColourMatch:
+    """A simple exact reward: 1 - mean |image - the colour the prompt's hash picks| (higher is better)."""
+
+    name = "colour_match"
+    higher_is_better = True
+    scale = (0.0, 1.0)
+
+    def target(self, prompt: Prompt) -> torch.Tensor:
+        h = hashlib.sha1(prompt.text.encode()).digest()
+        return torch.tensor([h[0], h[1], h[2]], dtype=torch.float32) / 255.0
+
+    def __call__(self, images, prompts):
+        targets = torch.stack([self.target(p) for p in prompts])[:, :, None, None]
+        return 1.0 - (images - targets).abs().mean(dim=(1, 2, 3))
+
+
+class Contrast:
+    """Pixel standard deviation, as a penalty (lower is better)."""
+
+    name = "contrast"
+    higher_is_better = False
+    scale = (0.0, 0.5)
+
+    def __call__(self, images, prompts):
+        return images.flatten(1).std(dim=1)
+
+
+def make_prompts(n: int, split: str, offset: int = 0) -> list[Prompt]:
+    rng = np.random.default_rng(offset)
+    return [Prompt(" ".join(rng.choice(WORDS, size=3)) + f" #{offset + i}", split=split) for i in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the tiny model's ops are too small to split: on a shared 2-core machine a second thread only
+    # waits at barriers (measured 4x slower under load)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from calibri_pipeline.text_encoder import MiniLMTextEncoder
+
+    return MiniLMTextEncoder(max_length=8)
+
+
+@pytest.fixture(scope="module")
+def backbone(encoder):
+    from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
+
+    torch.manual_seed(0)
+    config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=2, num_single_blocks=2, num_heads=2,
+                            head_dim=16, text_max_length=8)
+    transformer = build_toy_transformer(config, zero_init=False)
+    with torch.no_grad():  # random init is near-silent; make every branch matter
+        for p in transformer.parameters():
+            p.mul_(3.0)
+    return ToyBackbone(transformer, config, encoder, default_steps=3, default_guidance=2.5)
+
+
+def random_vectors(space: CalibrationSpace, n_models: int, p: int, guidance: float, seed: int = 0) -> torch.Tensor:
+    layout = EnsembleLayout(space.size, n_models, cfg=True)
+    x0 = layout.initial(guidance if layout.mode == "cfg" else None)
+    g = torch.Generator().manual_seed(seed)
+    return (x0 + 0.3 * torch.randn(p, x0.numel(), generator=g, dtype=torch.float64)).to(torch.float32)
+
+
+@pytest.mark.parametrize("granularity,n_models,max_batch", [("block", 1, 4), ("gate", 2, 5), ("layer", 1, None)])
+def test_batched_population_equals_per_candidate_loop(backbone, granularity, n_models, max_batch):
+    space = CalibrationSpace.from_transformer(backbone.transformer, granularity)
+    vectors = random_vectors(space, n_models, 5, 2.5)
+    prompts = make_prompts(3, "train")
+    seeds = [11, 12, 13]
+    kw = dict(steps=2, guidance=2.5, n_models=n_models, max_batch=max_batch)
+    batched = evaluate_population(backbone, space, vectors, prompts, seeds, ColourMatch(), **kw)
+    loop = evaluate_population_loop(backbone, space, vectors, prompts, seeds, ColourMatch(), **kw)
+    assert batched.shape == loop.shape == (5, 3)
+    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+    # candidates really differ (the test would be vacuous otherwise)
+    assert batched.std(dim=0).min() > 1e-3
+
+
+def test_x0_reproduces_the_unmodified_model(backbone):
+    prompts, seeds = make_prompts(3, "val", 50), [1, 2, 3]
+    space = CalibrationSpace.from_transformer(backbone.transformer, "gate")
+    base = evaluate_population(backbone, None, None, prompts, seeds, ColourMatch(), steps=2, guidance=2.5)
+    assert base.shape == (1, 3)
+    for n_models in (1, 2):  # guided single model (w = 1) and the CFG ensemble (g, 1 - g)
+        x0 = EnsembleLayout(space.size, n_models, cfg=True).initial(2.5)
+        ours = evaluate_population(backbone, space, x0, prompts, seeds, ColourMatch(), steps=2, guidance=2.5, n_models=n_models)
+        torch.testing.assert_close(ours, base, atol=1e-5, rtol=0)
+
+
+def test_multiple_rewards_chunking_and_memory_budget(backbone):
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    vectors = random_vectors(space, 1, 4, 2.5, seed=3)
+    prompts, seeds = make_prompts(3, "train", 7), [5, 6, 7]
+    rewards = [ColourMatch(), Contrast()]
+    ref = evaluate_population(backbone, space, vectors, prompts, seeds, rewards, steps=2, guidance=2.5)
+    assert set(ref) == {"colour_match", "contrast"} and ref["contrast"].shape == (4, 3)
+
+    per_image = estimate_image_memory_mb(backbone, space, prompts[0], n_models=1, guidance=2.5)
+    assert per_image > 0
+    budget = 5.5 * per_image
+    assert max_batch_for_budget(budget, per_image) == 5
+    batch_sizes = []
+    handle = backbone.transformer.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        budgeted = evaluate_population(backbone, space, vectors, prompts, seeds, rewards, steps=2, guidance=2.5,
+                                       memory_budget_mb=budget, chunk_images=7)
+    finally:
+        handle.remove()
+    # 12 images in chunks of 7 + 5, forwards of <= 5 images (x2 passes for CFG)
+    assert max(batch_sizes) == 10 and sorted(set(batch_sizes)) == [4, 10]
+    for name in ref:
+        torch.testing.assert_close(budgeted[name], ref[name], atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_are_rejected(backbone):
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    prompts = make_prompts(2, "train")
+    with pytest.raises(ValueError, match=r"shape \[P, 5\]"):
+        evaluate_population(backbone, space, torch.ones(3, 7), prompts, [1, 2], ColourMatch())
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        evaluate_population(backbone, space, torch.ones(1, 5), prompts, [1], ColourMatch())
+    with pytest.raises(ValueError, match="CalibrationSpace"):
+        evaluate_population(backbone, None, torch.ones(1, 5), prompts, [1, 2], ColourMatch())
+    with pytest.raises(ValueError, match="reward names must be unique"):
+        evaluate_population(backbone, space, torch.ones(1, 5), prompts, [1, 2], [ColourMatch(), ColourMatch()])
+    with pytest.raises(ValueError, match="max_batch"):
+        evaluate_population(backbone, space, torch.ones(1, 5), prompts, [1, 2], ColourMatch(), max_batch=0)
+
+
+def test_reward_objective_combines_rewards_with_signs(backbone):
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    train, val = make_prompts(6, "train"), make_prompts(2, "val", 100)
+    with pytest.raises(ValueError, match="reward_weights"):
+        RewardObjective(backbone, space, train, val, [ColourMatch(), Contrast()], val_seeds=[1, 2])
+    with pytest.raises(ValueError, match="unknown rewards"):
+        RewardObjective(backbone, space, train, val, [ColourMatch()], reward_weights={"hps": 1.0}, val_seeds=[1, 2])
+    obj = RewardObjective(backbone, space, train, val, [ColourMatch(), Contrast()],
+                          reward_weights={"colour_match": 1.0, "contrast": 0.5}, steps=2, guidance=2.5, val_seeds=[1, 2])
+    vectors = random_vectors(space, 1, 3, 2.5).numpy().astype(np.float64)
+    bucket = make_bucket(0, 0, 6, 4)
+    scores = obj.train(vectors, bucket)
+    expected = scores.components["colour_match"] - 0.5 * scores.components["contrast"]
+    np.testing.assert_allclose(scores.fitness, expected, rtol=0, atol=1e-12)
+    direct = evaluate_population(backbone, space, vectors, [train[i] for i in bucket.item_indices], bucket.seeds,
+                                 ColourMatch(), steps=2, guidance=2.5)
+    np.testing.assert_allclose(scores.components["colour_match"], direct.double().mean(1).numpy(), atol=1e-6)
+
+
+def test_calibrate_cfg_ensemble_end_to_end(backbone):
+    space = CalibrationSpace.from_transformer(backbone.transformer, "gate")
+    train, val = make_prompts(12, "train"), make_prompts(4, "val", 200)
+    seen = []
+    cfg = SearchConfig(max_generations=4, bucket_size=4, popsize=6, val_every=2, seed=1)
+    result = calibrate(backbone, space, train, val, ColourMatch(), steps=2, guidance=2.5, n_models=2,
+                       config=cfg, on_generation=seen.append, max_batch=64)
+    layout = EnsembleLayout(space.size, 2, cfg=True)
+    assert layout.search_size == space.search_size(2) == result.vector.size
+    assert result.layout.mode == "cfg"
+    x0 = result.search.x0
+    np.testing.assert_array_equal(x0, np.r_[np.ones(2 * space.size), 2.5, -1.5])
+    np.testing.assert_array_equal(result.search.candidates[0]["vector"], x0)
+    # the baseline validation (x0) is exactly standard CFG at the pipeline's guidance
+    base = evaluate_population(backbone, None, None, val, validation_seeds(1, 4), ColourMatch(), steps=2, guidance=2.5)
+    assert result.baseline_val_score == pytest.approx(float(base.double().mean()), abs=1e-6)
+    assert result.coefficients.shape == (2, space.size) and result.weights.shape == (2,)
+    assert result.val_score >= result.baseline_val_score
+    assert len(seen) == result.search.n_generations == 4
+    lower, upper = layout.bounds()
+    all_x = np.array([c["vector"] for c in result.search.candidates])
+    assert np.all(all_x >= lower) and np.all(all_x <= upper)
+    assert result.search.names == layout.names(space.names)
+    summary = result.to_dict()
+    assert summary["ensemble_mode"] == "cfg" and len(summary["names"]) == space.size
+
+
+def test_calibrate_warm_start_and_resume_after_a_crash(backbone):
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    train, val = make_prompts(8, "train"), make_prompts(3, "val", 300)
+    cfg = SearchConfig(max_generations=5, bucket_size=4, popsize=4, val_every=2, seed=2, patience=None)
+    warm = np.array([1.1, 0.9, 1.0, 1.2])
+    kw = dict(steps=2, guidance=2.5, config=cfg, warm_start=warm, max_batch=64)
+    reference = calibrate(backbone, space, train, val, ColourMatch(), **kw)
+    np.testing.assert_array_equal(reference.search.x0, np.r_[warm, 1.0])
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_three(row):
+        if row["generation"] == 2:
+            raise Crash("simulated crash")
+
+    store = MemoryStateStore()
+    with pytest.raises(Crash):
+        calibrate(backbone, space, train, val, ColourMatch(), store=store, on_generation=crash_at_three, **kw)
+    resumed = calibrate(backbone, space, train, val, ColourMatch(), store=store, **kw)
+    assert resumed.search.replayed_generations == 3
+    np.testing.assert_array_equal(resumed.vector, reference.vector)
+    assert resumed.search.validations == reference.search.validations
+    with pytest.raises(ValueError, match="warm_start must have 5 entries"):
+        calibrate(backbone, space, train, val, ColourMatch(), steps=2, guidance=2.5, config=cfg, warm_start=[1.0, 1.0])
