@@ -115,9 +115,11 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
         kills.append(_generations_done(store))
     assert not out.exists()
     assert kills[0] >= 3 and kills[-1] < 14
-    # no half-written files: every stored document parses, temp files are gone
+    # no half-written documents: every stored document parses (a kill -9 can land mid-write and
+    # leave a hidden temp file behind; it is never read and is overwritten on resume)
     for path in (store / "run").iterdir():
-        assert not path.name.endswith(".tmp"), path
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            continue
         json.loads(path.read_text())
 
     _finish(_start(script, store, out, 0.0))

@@ -1,0 +1,506 @@
+"""A CMA-ES population scored on Ray actors, each holding its own model replica.
+
+:class:`RayPopulationEvaluator` is a drop-in replacement for
+:func:`calibri_pipeline.method.population.evaluate_population`: same arguments, same ``[P, B]``
+scores. The ``P * B`` images of a call are cut into contiguous chunks that go to the actors one at
+a time (a worker that finishes early takes the next chunk). Since an image depends only on its
+(prompt, seed, vector) and never on its batch mates (the Backbone contract), where an image is
+generated changes nothing but float rounding.
+
+A worker that dies (killed, out of memory, node lost) is replaced by a fresh actor and its chunk
+is evaluated again, up to ``max_retries`` times per chunk; an exception raised *inside* a worker
+(a reward error, a bad vector) is a real error and propagates unchanged.
+
+Plug it into a calibration with ``calibrate(..., evaluator=RayPopulationEvaluator(...))``. The
+evaluator is not part of the run's fingerprint, so a run can be resumed with a different number of
+workers (or in-process) and continues where it stopped.
+
+Ray moves Python objects between processes with (cloud)pickle: the backbone factory, prompts and
+rewards travel that way. That is Ray's transport, not storage -- nothing here writes a pickle --
+but it does mean a Ray cluster must only be reachable by people you trust (see
+:func:`connect_ray`: a local cluster requires a fresh random token).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from calibri_pipeline.method.population import (
+    _as_vectors,
+    _check_prompts_seeds,
+    _score,
+    as_reward_list,
+    resolve_max_batch,
+)
+
+if TYPE_CHECKING:
+    from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.prompts.base import Prompt
+    from calibri_pipeline.rewards.base import Reward
+
+BackboneFactory = Callable[[], "Backbone"]
+
+
+# --------------------------------------------------------------------------------------------
+# Connecting to Ray
+# --------------------------------------------------------------------------------------------
+
+
+def connect_ray(
+    address: str | None = "local", *, num_cpus: int | None = None, num_gpus: int | None = None, temp_dir: str | None = None
+) -> bool:
+    """Make sure this process is connected to Ray; return True when this call started the connection.
+
+    ``address``: ``"local"`` (or None) starts a private single-node cluster for this process;
+    ``"ray://host:10001"`` connects through Ray Client; ``"auto"`` or ``"host:port"`` joins a
+    running cluster from one of its nodes. An already initialised Ray is used as it is.
+
+    A local cluster requires a fresh random 256-bit token for its gRPC services and HTTP API (the
+    token stays in this process's environment, so Ray writes no ``~/.ray/auth_token``), has no
+    dashboard and no usage reporting, and keeps its session files in ``temp_dir`` (default: a new
+    directory under the system temp dir). Ray binds its services to all interfaces (it has no
+    loopback-only option): the token is what keeps others out; firewall the machine as usual.
+    ``num_cpus``/``num_gpus`` (local only): what it offers; None = what this machine has.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is not None and not isinstance(address, str):
+        raise TypeError(f"Ray address must be a str or None, got {type(address).__name__}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "local"):
+        no_token = "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_TOKEN_PATH" not in os.environ
+        if no_token and os.environ.get("RAY_AUTH_MODE", "token") == "token":
+            # Ray turns token auth on for a new local cluster by itself (and refreshes its config);
+            # a token in the environment keeps it from writing one to ~/.ray/auth_token
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir or tempfile.mkdtemp(prefix="calibri-ray-"),
+            log_to_driver=False,
+        )
+        return True
+    if not (address == "auto" or address.startswith("ray://") or ":" in address):
+        raise ValueError(
+            f"Ray address {address!r} is not understood; use 'local', 'auto', 'host:port' or 'ray://host:10001'"
+        )
+    ray.init(address=address, log_to_driver=False)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The worker (one model replica per actor)
+# --------------------------------------------------------------------------------------------
+
+
+class PopulationWorker:
+    """Ray actor body: builds its backbone once, then generates and scores chunks of images."""
+
+    def __init__(self, backbone_factory: BackboneFactory, threads: int | None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.backbone = backbone_factory()
+        self._spaces: dict[str, "CalibrationSpace"] = {}
+        self._rewards: dict[str, list["Reward"]] = {}
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        device = next(self.backbone.transformer.parameters()).device
+        return {"pid": os.getpid(), "device": str(device), "threads": torch.get_num_threads(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "backbone": getattr(self.backbone, "name", type(self.backbone).__name__)}
+
+    def _space(self, granularity: str, names: Sequence[str]) -> "CalibrationSpace":
+        if granularity not in self._spaces:
+            from calibri_pipeline.method.space import CalibrationSpace
+
+            self._spaces[granularity] = CalibrationSpace.from_transformer(self.backbone.transformer, granularity)
+        space = self._spaces[granularity]
+        if list(space.names) != list(names):
+            raise ValueError(
+                f"the worker's model has a different {granularity} calibration space than the caller's "
+                f"({space.size} vs {len(names)} coefficients): the backbone factory must build the same model"
+            )
+        return space
+
+    def _reward_list(self, key: str, holder: list[Any]) -> list["Reward"]:
+        # the rewards come as an object reference inside a list (so Ray does not resolve it on
+        # every call): fetched and deserialised once per worker
+        if key not in self._rewards:
+            import ray
+
+            self._rewards[key] = ray.get(holder[0])
+        return self._rewards[key]
+
+    def evaluate(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        rewards = self._reward_list(request["reward_key"], request["rewards"])
+        space = None
+        vectors = request["vectors"]
+        if vectors is not None:
+            space = self._space(request["granularity"], request["names"])
+            vectors = torch.from_numpy(vectors)
+        return evaluate_images(
+            self.backbone, space, vectors, request["prompts"], request["seeds"], rewards,
+            steps=request["steps"], guidance=request["guidance"], n_models=request["n_models"],
+            max_batch=request["max_batch"], memory_budget_mb=request["memory_budget_mb"],
+            chunk_images=request["chunk_images"],
+        )
+
+
+def evaluate_images(
+    backbone: "Backbone",
+    space: "CalibrationSpace | None",
+    vectors: torch.Tensor | None,
+    prompts: Sequence["Prompt"],
+    seeds: Sequence[int],
+    rewards: Sequence["Reward"],
+    *,
+    steps: int | None,
+    guidance: float | None,
+    n_models: int,
+    max_batch: int | None,
+    memory_budget_mb: float | None,
+    chunk_images: int | None,
+) -> dict[str, np.ndarray]:
+    """Score a flat list of images (one vector per image, or None for the unmodified model)."""
+    batch = resolve_max_batch(
+        backbone, space if vectors is not None else None, prompts[0], n_models=n_models, guidance=guidance,
+        max_batch=max_batch, memory_budget_mb=memory_budget_mb,
+    )
+    n = len(prompts)
+    step = n if chunk_images is None else chunk_images
+    parts: dict[str, list[torch.Tensor]] = {r.name: [] for r in rewards}
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        images = backbone.generate(
+            list(prompts[start:stop]), list(seeds[start:stop]), steps=steps, guidance=guidance,
+            space=space if vectors is not None else None,
+            vectors=None if vectors is None else vectors[start:stop], n_models=n_models, max_batch=batch,
+        )
+        for name, scores in _score(list(rewards), images, prompts[start:stop]).items():
+            parts[name].append(scores)
+        del images
+    return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluator (driver side)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluatorStats:
+    """What the evaluator did so far (across calls)."""
+
+    calls: int = 0
+    images: int = 0
+    chunks: int = 0
+    retried_chunks: int = 0
+    respawned_workers: int = 0
+    seconds: float = 0.0
+
+
+class RayPopulationEvaluator:
+    """Score CMA-ES populations on ``n_workers`` Ray actors (see the module docstring).
+
+    - ``backbone_factory``: a picklable zero-argument callable that builds the model inside a worker
+      (e.g. ``functools.partial(load_toy_backbone, "/ckpt")`` or :class:`ModelFactory`); every
+      worker must get the same model as the caller's ``space`` was built on (checked by name).
+    - ``address``: where Ray runs (:func:`connect_ray`); ignored when Ray is already initialised.
+    - ``threads_per_worker``: torch CPU threads (and Ray CPUs) per actor.
+    - ``gpus_per_worker``: Ray GPUs per actor; None = 1 when the cluster has GPUs, else 0.
+    - ``chunks_per_worker``: chunks per call and worker (>1 balances uneven workers).
+    - ``max_retries``: re-evaluations of one chunk after worker deaths before giving up.
+    """
+
+    def __init__(
+        self,
+        backbone_factory: BackboneFactory,
+        n_workers: int = 1,
+        *,
+        address: str | None = None,
+        threads_per_worker: int = 1,
+        gpus_per_worker: float | None = None,
+        chunks_per_worker: int = 1,
+        max_retries: int = 3,
+        start_timeout_s: float = 600.0,
+        temp_dir: str | None = None,
+    ) -> None:
+        if not callable(backbone_factory):
+            raise TypeError(f"backbone_factory must be a callable that builds a backbone, got {type(backbone_factory).__name__}")
+        for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker),
+                            ("chunks_per_worker", chunks_per_worker)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if gpus_per_worker is not None and not (gpus_per_worker >= 0):
+            raise ValueError(f"gpus_per_worker must be >= 0 or None, got {gpus_per_worker!r}")
+        import ray
+
+        self._ray = ray
+        self.backbone_factory = backbone_factory
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self.chunks_per_worker = chunks_per_worker
+        self.max_retries = max_retries
+        self.stats = EvaluatorStats()
+        self._workers: list[Any] = []
+        self._reward_cache: dict[tuple[int, ...], tuple[str, list[Any], list["Reward"]]] = {}
+        self._created_temp_dir: str | None = None
+        if not ray.is_initialized() and address in (None, "local") and temp_dir is None:
+            # ours, so close() can remove the session files again
+            temp_dir = self._created_temp_dir = tempfile.mkdtemp(prefix="calibri-ray-")
+        self._owns_ray = connect_ray(address, temp_dir=temp_dir)
+        try:
+            resources = ray.cluster_resources()
+            if gpus_per_worker is None:
+                gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+            self.gpus_per_worker = float(gpus_per_worker)
+            self._check_capacity(resources)
+            self._actor_class = ray.remote(PopulationWorker).options(
+                num_cpus=threads_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0,
+            )
+            self._workers = [self._spawn() for _ in range(n_workers)]
+            self.worker_info: list[dict[str, Any]] = self._wait_ready(range(n_workers), start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def _check_capacity(self, resources: Mapping[str, float]) -> None:
+        need_cpu = self.n_workers * self.threads_per_worker
+        need_gpu = self.n_workers * self.gpus_per_worker
+        have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        if need_cpu > have_cpu or need_gpu > have_gpu:
+            raise ValueError(
+                f"{self.n_workers} Ray workers with {self.threads_per_worker} CPU(s) and {self.gpus_per_worker:g} GPU(s) "
+                f"each need {need_cpu} CPUs and {need_gpu:g} GPUs; the cluster has {have_cpu:g} CPUs and "
+                f"{have_gpu:g} GPUs. Lower n_workers / threads_per_worker or add nodes"
+            )
+
+    def _spawn(self) -> Any:
+        return self._actor_class.remote(self.backbone_factory, self.threads_per_worker)
+
+    def _wait_ready(self, slots: Sequence[int] | range, timeout: float) -> list[dict[str, Any]]:
+        refs = [self._workers[i].info.remote() for i in slots]
+        try:
+            return self._ray.get(refs, timeout=timeout)
+        except self._ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"Ray workers did not start within {timeout:g} s (is the cluster short of CPUs/GPUs?)"
+            ) from None
+        except self._ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"a Ray worker failed to build its backbone: {exc}") from exc
+
+    def _respawn(self, slot: int) -> None:
+        try:
+            self._ray.kill(self._workers[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._workers[slot] = self._spawn()
+        self.stats.respawned_workers += 1
+
+    @property
+    def workers(self) -> list[Any]:
+        """The current actor handles (a respawned worker has a new handle)."""
+        return list(self._workers)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (asks them; a dead one is respawned first)."""
+        pids = []
+        for slot in range(len(self._workers)):
+            try:
+                pids.append(self._ray.get(self._workers[slot].info.remote())["pid"])
+            except self._ray.exceptions.RayActorError:
+                self._respawn(slot)
+                pids.append(self._ray.get(self._workers[slot].info.remote())["pid"])
+        return pids
+
+    def close(self) -> None:
+        """Stop the workers (and the local Ray cluster, when this evaluator started it)."""
+        for handle in getattr(self, "_workers", []):
+            try:
+                self._ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._workers = []
+        if getattr(self, "_owns_ray", False) and self._ray.is_initialized():
+            self._ray.shutdown()
+            self._owns_ray = False
+        if getattr(self, "_created_temp_dir", None):
+            shutil.rmtree(self._created_temp_dir, ignore_errors=True)
+            self._created_temp_dir = None
+
+    def __enter__(self) -> "RayPopulationEvaluator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- rewards travel once -----------------------------------------------------------------
+
+    def _rewards_ref(self, rewards: list["Reward"]) -> tuple[str, list[Any]]:
+        key = tuple(id(r) for r in rewards)
+        cached = self._reward_cache.get(key)
+        # the cache keeps the reward objects alive, so their ids cannot be reused by others
+        if cached is None or any(a is not b for a, b in zip(cached[2], rewards)):
+            cached = (secrets.token_hex(8), [self._ray.put(list(rewards))], list(rewards))
+            self._reward_cache[key] = cached
+        return cached[0], cached[1]
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate_population(
+        self,
+        backbone: "Backbone | None",
+        space: "CalibrationSpace | None",
+        vectors: Any,
+        prompts: Sequence["Prompt"],
+        seeds: Sequence[int],
+        reward: "Reward | Sequence[Reward] | Mapping[str, Reward]",
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        n_models: int = 1,
+        max_batch: int | None = None,
+        memory_budget_mb: float | None = None,
+        chunk_images: int | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Same contract as :func:`~calibri_pipeline.method.population.evaluate_population`.
+
+        ``backbone`` is not used (the workers hold their own replicas); it is accepted so the two
+        are interchangeable. ``steps=None`` means each worker's backbone default.
+        """
+        if not self._workers:
+            raise RuntimeError("this RayPopulationEvaluator is closed")
+        started = time.perf_counter()
+        rewards = as_reward_list(reward)
+        seeds = _check_prompts_seeds(prompts, seeds)
+        if chunk_images is not None and (isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1):
+            raise ValueError(f"chunk_images must be a positive int or None, got {chunk_images!r}")
+        if vectors is None:
+            flat_vectors, n_candidates = None, 1
+        else:
+            if space is None:
+                raise ValueError("calibrated vectors need the CalibrationSpace they belong to (space=None given)")
+            v = _as_vectors(vectors, space, n_models)
+            n_candidates = v.shape[0]
+            flat_vectors = v.repeat_interleave(len(prompts), dim=0).numpy()
+        flat_prompts = [p for _ in range(n_candidates) for p in prompts]
+        flat_seeds = [s for _ in range(n_candidates) for s in seeds]
+        n_images = len(flat_prompts)
+        reward_key, reward_holder = self._rewards_ref(rewards)
+        common = {
+            "reward_key": reward_key, "rewards": reward_holder, "steps": steps, "guidance": guidance,
+            "n_models": n_models, "max_batch": max_batch, "memory_budget_mb": memory_budget_mb,
+            "chunk_images": chunk_images,
+            "granularity": None if space is None else space.granularity,
+            "names": None if space is None else list(space.names),
+        }
+
+        n_chunks = min(n_images, len(self._workers) * self.chunks_per_worker)
+        bounds = np.linspace(0, n_images, n_chunks + 1).round().astype(int)
+
+        def request(chunk: int) -> dict[str, Any]:
+            a, b = int(bounds[chunk]), int(bounds[chunk + 1])
+            return dict(common, prompts=flat_prompts[a:b], seeds=flat_seeds[a:b],
+                        vectors=None if flat_vectors is None else flat_vectors[a:b])
+
+        results = self._run_chunks(n_chunks, request)
+        out = {
+            r.name: torch.from_numpy(np.concatenate([results[c][r.name] for c in range(n_chunks)]))
+            .to(torch.float32).reshape(n_candidates, len(prompts))
+            for r in rewards
+        }
+        self.stats.calls += 1
+        self.stats.images += n_images
+        self.stats.chunks += n_chunks
+        self.stats.seconds += time.perf_counter() - started
+        if isinstance(reward, (list, tuple, Mapping)):
+            return out
+        return out[rewards[0].name]
+
+    __call__ = evaluate_population
+
+    def _run_chunks(self, n_chunks: int, request: Callable[[int], dict[str, Any]]) -> dict[int, dict[str, np.ndarray]]:
+        ray = self._ray
+        pending: deque[int] = deque(range(n_chunks))
+        idle: deque[int] = deque(range(len(self._workers)))
+        in_flight: dict[Any, tuple[int, int]] = {}
+        attempts = [0] * n_chunks
+        results: dict[int, dict[str, np.ndarray]] = {}
+        while pending or in_flight:
+            while pending and idle:
+                slot, chunk = idle.popleft(), pending.popleft()
+                in_flight[self._workers[slot].evaluate.remote(request(chunk))] = (chunk, slot)
+            [ready], _ = ray.wait(list(in_flight), num_returns=1)
+            chunk, slot = in_flight.pop(ready)
+            try:
+                results[chunk] = ray.get(ready)
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+                attempts[chunk] += 1
+                if attempts[chunk] > self.max_retries:
+                    raise RuntimeError(
+                        f"chunk {chunk} of the population failed on {attempts[chunk]} Ray workers in a row "
+                        f"(max_retries={self.max_retries}); last error: {exc}"
+                    ) from exc
+                self.stats.retried_chunks += 1
+                self._respawn(slot)
+                pending.appendleft(chunk)
+            idle.append(slot)
+        return results
+
+
+# --------------------------------------------------------------------------------------------
+# A picklable factory for the pipeline's model keys
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """Builds the backbone of a model key inside a worker (``calibri_pipeline.models.load_model``).
+
+    Carries only the key, the object-store URL (for checkpoint specs) and device/dtype names:
+    credentials are read from the worker's own environment, never shipped.
+    """
+
+    model: str
+    store_url: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __call__(self) -> "Backbone":
+        from calibri_pipeline.models import load_model
+
+        store = None
+        if self.store_url is not None:
+            from calibri_pipeline.storage.object_store import ObjectStore
+
+            store = ObjectStore(self.store_url)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda:"):
+            device = "cuda"  # Ray shows each actor only the GPU it was given
+        return load_model(self.model, store, device=device, dtype=self.dtype)
+
+
+__all__ = ["RayPopulationEvaluator", "EvaluatorStats", "ModelFactory", "PopulationWorker", "connect_ray", "evaluate_images"]
