@@ -1,7 +1,7 @@
 """Where a calibration scores its CMA-ES populations: in-process (default) or on Ray actors.
 
 ``RayResource(address=None)`` keeps everything in the step's process. ``address="local"`` starts a
-private Ray cluster on this machine (loopback only, random token, session files in a temp dir);
+private Ray cluster on this machine (random auth token, no dashboard, session files in a temp dir);
 ``"ray://head:10001"`` uses a remote cluster through Ray Client and ``"auto"`` joins the cluster this
 machine belongs to. Each of ``n_workers`` actors holds one model replica (one GPU per actor when
 the cluster has GPUs), see :class:`calibri_pipeline.method.ray_eval.RayPopulationEvaluator`.
