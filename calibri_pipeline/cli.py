@@ -11,6 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("calibri_pipeline.demo:main", "materialize the whole pipeline on the embedded default and print results"),
     "sql": ("calibri_pipeline.sql_cli:main", "run a read-only SQL query against the catalog"),
+    "tables": ("calibri_pipeline.tables_cli:main", "print the paper's Tables 2, 6 and 7 from the catalog"),
     "train-toy": ("calibri_pipeline.training.toy_train:main", "train the embedded toy DiT on the procedural world"),
     "eval-toy": ("calibri_pipeline.training.evaluate_toy:main", "measure the toy model's accuracy per category and NFE"),
     "calibrate": ("calibri_pipeline.method.experiments:main", "run a Calibri calibration from the command line"),

@@ -25,6 +25,7 @@ from calibri_pipeline.assets.common import (
     resolve_preset,
     table_md,
 )
+from calibri_pipeline.storage.paper_tables import paper_tables_from_catalog
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource, RayResource
 
 GROUP = "calibri"
@@ -659,42 +660,6 @@ def calibrated_checkpoint(context: dg.AssetExecutionContext, catalog: CatalogRes
 # ------------------------------------------------------------------------------------------------
 # the paper's tables, across every partition
 # ------------------------------------------------------------------------------------------------
-
-
-def paper_tables_from_catalog(cat) -> dict:
-    """Tables 2, 6 and 7 of the paper from the catalog (polars DataFrames, one row per setting).
-
-    - table2: per model and optimised reward, the baseline at its default NFE and the calibrated model
-      at its calibration NFE, one column per evaluation reward;
-    - table6: table2 plus mean per-prompt diversity;
-    - table7: per model, which reward was optimised (``-`` = baseline) against every evaluation reward.
-    """
-    import polars as pl
-
-    runs = cat.query("SELECT model, reward AS optimised, run_id, config FROM calibration_runs WHERE status = 'finished'")
-    if runs.height == 0:
-        return {}
-    steps = runs.with_columns(
-        pl.col("config").map_elements(lambda c: json.loads(c)["preset"]["default_steps"], return_dtype=pl.Int64).alias("default_nfe"),
-        pl.col("config").map_elements(lambda c: json.loads(c)["preset"]["calibration_steps"], return_dtype=pl.Int64).alias("low_nfe"),
-    ).drop("config")
-    evals = cat.query("SELECT run_key, model, reward, calibrated, nfe, mean FROM evaluations").with_columns(
-        pl.col("run_key").str.split("|").list.get(1).alias("optimised"))
-    joined = evals.join(steps, on=["model", "optimised"])
-    picked = joined.filter((~pl.col("calibrated") & (pl.col("nfe") == pl.col("default_nfe")))
-                           | (pl.col("calibrated") & (pl.col("nfe") == pl.col("low_nfe"))))
-    wide = picked.pivot(on="reward", index=["model", "optimised", "calibrated", "nfe"], values="mean").sort(
-        "model", "optimised", "calibrated")
-    table2 = wide.with_columns(pl.when(pl.col("calibrated")).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("calibri"))
-    div = cat.query("SELECT run_key, calibrated, nfe, avg(diversity) AS diversity FROM diversity GROUP BY ALL").with_columns(
-        pl.col("run_key").str.split("|").list.get(0).alias("model"), pl.col("run_key").str.split("|").list.get(1).alias("optimised"),
-    ).drop("run_key")
-    table6 = table2.join(div, on=["model", "optimised", "calibrated", "nfe"], how="left")
-    baseline = table2.filter(~pl.col("calibrated")).unique(subset=["model"], keep="first").with_columns(pl.lit("-").alias("optimised"))
-    table7 = pl.concat([baseline, table2.filter(pl.col("calibrated"))], how="diagonal_relaxed").sort("model", "calibrated")
-    order = lambda t: t.select(["model", "calibri", "optimised", *[c for c in t.columns if c.startswith("world") or c in (
-        "hpsv3", "imagereward", "qalign", "pickscore", "clipscore")], *[c for c in ("diversity",) if c in t.columns], "nfe"])
-    return {"table2": order(table2), "table6": order(table6), "table7": order(table7)}
 
 
 @dg.asset(group_name=GROUP, deps=[evaluation, diversity], kinds={"duckdb"})
