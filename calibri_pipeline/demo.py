@@ -108,7 +108,7 @@ def summary_text(home: Path, info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calibri demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="how much to compute (default: ~10 min on 2 CPU cores)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)")
     parser.add_argument("--preset", default="embedded-default", help="embedded-default (block, 1 model) or embedded-gate-cfg (gate, CFG ensemble)")
     parser.add_argument("--reward", default="world_score", choices=EMBEDDED_REWARDS,
                         help="the reward CMA-ES optimizes (every world reward is still evaluated): run the demo again "
