@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="images per transformer forward (default: the backbone's, 32 for the toy model; on a CPU larger batches are slower)")
     p.add_argument("--weights", default=None, help="toy checkpoint directory (default: the one shipped in the package)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
