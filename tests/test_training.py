@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,6 +77,52 @@ def test_training_is_reproducible_with_a_seed(tmp_path):
     a, b, c = (load_file(str(tmp_path / d / WEIGHTS_FILE)) for d in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_render_workers_give_the_same_batches_and_weights(tmp_path):
+    """Batches are keyed by (seed, batch index), so rendering in worker processes changes nothing."""
+    from calibri_pipeline.training.data import EncodedPool, WorldBatchStream
+
+    pool = training_pool({"multi": 6, "counting": 6})
+    prompts = pool["multi"] + pool["counting"]
+    encoded = EncodedPool(
+        prompts,
+        {"multi": np.arange(6), "counting": np.arange(6, 12)},
+        torch.randn(12, 4, 8).half(),
+        torch.randn(12, 8).half(),
+        torch.zeros(4, 8),
+        torch.zeros(8),
+    )
+    inline = WorldBatchStream(encoded, {"multi": 1, "counting": 2}, 8, 0.3, seed=5)
+    with WorldBatchStream(encoded, {"multi": 1, "counting": 2}, 8, 0.3, seed=5, workers=2) as parallel:
+        pairs = [(inline.next(), parallel.next()) for _ in range(4)]
+    for a, b in pairs:
+        assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
+    assert not torch.equal(pairs[0][0][0], pairs[1][0][0]), "consecutive batches must differ"
+    with pytest.raises(ValueError, match="workers"):
+        WorldBatchStream(encoded, {"multi": 1}, 8, 0.3, seed=5, workers=-1)
+
+    train_toy(tiny_config(steps=2), tmp_path / "inline", progress=False)
+    train_toy(tiny_config(steps=2, data_workers=2), tmp_path / "workers", progress=False)
+    a, b = (load_file(str(tmp_path / d / WEIGHTS_FILE)) for d in ("inline", "workers"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_training_before_a_save(tmp_path):
+    out = tmp_path / "nan"
+    # Adam moves every weight by ~lr per step: at 1e30 the second forward overflows
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf) at step [23]"):
+        train_toy(tiny_config(steps=3, lr=1e30, warmup_steps=0), out, progress=False)
+    assert not (out / WEIGHTS_FILE).exists(), "a diverged run must not leave weights behind"
+
+
+def test_cuda_device_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        tiny_config(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            train_toy(tiny_config(device="cuda"), tmp_path / "gpu", progress=False)
+        assert not (tmp_path / "gpu").exists()
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

@@ -9,6 +9,7 @@ not change when the training pool grows.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -128,12 +129,56 @@ def encode_pool(pool: Mapping[str, Sequence[Prompt]], text_encoder, progress: bo
     return EncodedPool(prompts, category_index, states, pooled, empty.states[0], empty.pooled[0])
 
 
+def draw_batch(
+    specs: Sequence[object],
+    members: Sequence[np.ndarray],
+    probabilities: np.ndarray,
+    batch_size: int,
+    caption_dropout: float,
+    seed: int,
+    index: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batch number ``index`` of a stream: (images uint8 [B,H,W,3], prompt ids [B], dropped [B], category ids [B]).
+
+    Each batch has its own random stream (seed, index), so batches can be drawn in any order, by any
+    number of worker processes, and the sequence is the same.
+    """
+    from calibri_pipeline.world import realize, render
+
+    rng = np.random.default_rng([int(seed), 0x70A, int(index)])
+    cat_ids = rng.choice(len(members), size=batch_size, p=probabilities)
+    idx = np.empty(batch_size, dtype=np.int64)
+    images = []
+    for i, c in enumerate(cat_ids):
+        idx[i] = members[c][rng.integers(len(members[c]))]
+        images.append(render(realize(specs[idx[i]], rng)))
+    drop = rng.random(batch_size) < caption_dropout
+    return np.stack(images), idx, drop, cat_ids
+
+
+_WORKER_ARGS: tuple | None = None
+
+
+def _init_worker(args: tuple) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = args
+
+
+def _draw_in_worker(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    assert _WORKER_ARGS is not None, "worker not initialised"
+    return draw_batch(*_WORKER_ARGS, index)
+
+
 class WorldBatchStream:
     """Seeded stream of training batches: (pixels [-1,1], text states, pooled, categories).
 
     Every draw picks a category by weight, a prompt of that category, and a fresh random layout of its
     spec, so the model sees each prompt in many arrangements. ``caption_dropout`` of the batch gets
     the empty prompt instead (classifier-free guidance needs the unconditional model).
+
+    ``workers > 0`` renders batches in that many processes (a GPU consumes them faster than one CPU
+    core draws them), ``2 * workers`` batches ahead; the batches are identical for any worker count.
+    Call :meth:`close` (or use it as a context manager) to stop the workers.
     """
 
     def __init__(
@@ -143,35 +188,70 @@ class WorldBatchStream:
         batch_size: int,
         caption_dropout: float,
         seed: int,
+        workers: int = 0,
     ) -> None:
         cats = [c for c in category_weights if category_weights[c] > 0]
         missing = [c for c in cats if c not in pool.category_index or len(pool.category_index[c]) == 0]
         if missing:
             raise ValueError(f"no training prompts for categories {missing}")
+        if not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
         w = np.asarray([float(category_weights[c]) for c in cats])
         self.categories = cats
         self.probabilities = w / w.sum()
         self.pool = pool
         self.batch_size = batch_size
         self.caption_dropout = caption_dropout
-        self.rng = np.random.default_rng([int(seed), 0x70A])
+        self.seed = int(seed)
+        self.index = 0
+        self._draw_args = (
+            [p.spec for p in pool.prompts],
+            [pool.category_index[c] for c in cats],
+            self.probabilities,
+            batch_size,
+            caption_dropout,
+            self.seed,
+        )
+        self._workers = None
+        self._pending: deque = deque()
+        if workers:
+            import multiprocessing
+
+            # spawn, not fork: the parent may already hold CUDA or OpenMP state that must not be forked
+            self._workers = multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(self._draw_args,)
+            )
+            self._ahead = 2 * workers
+            self._submitted = 0
+
+    def _draw(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._workers is None:
+            return draw_batch(*self._draw_args, self.index)
+        while self._submitted < self.index + self._ahead:
+            self._pending.append(self._workers.apply_async(_draw_in_worker, (self._submitted,)))
+            self._submitted += 1
+        return self._pending.popleft().get()
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-        from calibri_pipeline.world import realize, render
-
-        rng = self.rng
-        cat_ids = rng.choice(len(self.categories), size=self.batch_size, p=self.probabilities)
-        idx = np.empty(self.batch_size, dtype=np.int64)
-        images = []
-        for i, c in enumerate(cat_ids):
-            members = self.pool.category_index[self.categories[c]]
-            idx[i] = members[rng.integers(len(members))]
-            scene = realize(self.pool.prompts[idx[i]].spec, rng)
-            images.append(render(scene))
-        drop = torch.from_numpy(rng.random(self.batch_size) < self.caption_dropout)
+        images, idx, drop_np, cat_ids = self._draw()
+        self.index += 1
+        drop = torch.from_numpy(drop_np)
         index = torch.from_numpy(idx)
         states = self.pool.states[index].float()
         pooled = self.pool.pooled[index].float()
         states[drop] = self.pool.empty_states
         pooled[drop] = self.pool.empty_pooled
-        return images_to_model_range(np.stack(images)), states, pooled, [self.categories[c] for c in cat_ids]
+        return images_to_model_range(images), states, pooled, [self.categories[c] for c in cat_ids]
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.terminate()
+            self._workers.join()
+            self._workers = None
+            self._pending.clear()
+
+    def __enter__(self) -> "WorldBatchStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default; the numbers in the README) or a CUDA device")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG at the default steps")
     p.add_argument("--progress", action="store_true")
@@ -209,7 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from calibri_pipeline.backbones.toy import load_toy_backbone
 
-    backbone = load_toy_backbone(args.weights)
+    try:
+        backbone = load_toy_backbone(args.weights, device=args.device)
+    except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without CUDA
+        print(f"calibri eval-toy: cannot load on {args.device!r}: {exc}", file=sys.stderr)
+        return 2
     try:
         table = evaluate_toy(
             backbone, args.n_per_category, steps_list, args.guidance, args.seed, split=args.split, progress=args.progress
