@@ -27,7 +27,8 @@ REWARDS = ("world_score", "world_alignment", "world_accuracy", "world_quality")
 def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.backbones.toy import load_toy_backbone
     from calibri_pipeline.method.analysis import Setting, evaluate_settings, nfe_study, plot_search_history, table_markdown
-    from calibri_pipeline.method.search import SearchConfig, calibrate
+    from calibri_pipeline.method.calibrate import calibrate
+    from calibri_pipeline.method.search import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.method.state_store import LocalStateStore
     from calibri_pipeline.method.stats import paired_difference_ci

@@ -11,13 +11,13 @@ import torch
 
 from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import (
-    RewardObjective,
     estimate_image_memory_mb,
     evaluate_population,
     evaluate_population_loop,
     max_batch_for_budget,
 )
-from calibri_pipeline.method.search import SearchConfig, calibrate, make_bucket, validation_seeds
+from calibri_pipeline.method.calibrate import RewardObjective, calibrate
+from calibri_pipeline.method.search import SearchConfig, make_bucket, validation_seeds
 from calibri_pipeline.method.space import CalibrationSpace
 from calibri_pipeline.method.state_store import MemoryStateStore
 from calibri_pipeline.prompts.base import Prompt

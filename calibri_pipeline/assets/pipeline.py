@@ -417,7 +417,8 @@ def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
     """CMA-ES over the Calibri coefficients (resumable: state after every generation in the object store)."""
     import polars as pl
 
-    from calibri_pipeline.method.search import SearchConfig, calibrate
+    from calibri_pipeline.method.calibrate import calibrate
+    from calibri_pipeline.method.search import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace
 
     model, reward, run_key = partition(context)

@@ -20,7 +20,6 @@ from calibri_pipeline.rewards.base import Reward, check_scores
 
 if TYPE_CHECKING:
     from calibri_pipeline.backbones.base import Backbone
-    from calibri_pipeline.method.search import Bucket, PopulationScores
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
 
@@ -296,126 +295,11 @@ def evaluate_population_loop(
     return out[rewards[0].name]
 
 
-# --------------------------------------------------------------------------------------------
-# The CMA-ES objective on a real backbone
-# --------------------------------------------------------------------------------------------
-
-
-class RewardObjective:
-    """:class:`~calibri_pipeline.method.search.PopulationObjective` for a backbone and rewards.
-
-    fitness = ``sum_r weight_r * sign_r * mean(scores_r)`` over the bucket (sign -1 for rewards with
-    ``higher_is_better=False``); every reward is scored and reported as a component, including
-    ones with weight 0 (tracked, not optimised).
-    """
-
-    def __init__(
-        self,
-        backbone: "Backbone",
-        space: "CalibrationSpace",
-        train_prompts: Sequence["Prompt"],
-        val_prompts: Sequence["Prompt"],
-        rewards: Reward | Sequence[Reward] | Mapping[str, Reward],
-        *,
-        reward_weights: Mapping[str, float] | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        n_models: int = 1,
-        val_seeds: Sequence[int],
-        max_batch: int | None = None,
-        memory_budget_mb: float | None = None,
-        evaluator: Any = None,
-    ) -> None:
-        self.backbone = backbone
-        self.space = space
-        self.train_prompts = list(train_prompts)
-        self.val_prompts = list(val_prompts)
-        if not self.train_prompts:
-            raise ValueError("calibration needs training prompts")
-        if not self.val_prompts:
-            raise ValueError("calibration needs validation prompts (the result is selected on them)")
-        self.rewards = as_reward_list(rewards)
-        names = [r.name for r in self.rewards]
-        if reward_weights is None:
-            if len(self.rewards) > 1:
-                raise ValueError(
-                    f"several rewards {names} given: say how to combine them with reward_weights "
-                    "(e.g. {'world_score': 1.0}; rewards left out are tracked with weight 0)"
-                )
-            reward_weights = {names[0]: 1.0}
-        unknown = sorted(set(reward_weights) - set(names))
-        if unknown:
-            raise ValueError(f"reward_weights name unknown rewards {unknown}; rewards given: {names}")
-        self.reward_weights = {n: float(reward_weights.get(n, 0.0)) for n in names}
-        if not any(w != 0 for w in self.reward_weights.values()):
-            raise ValueError("at least one reward weight must be non-zero")
-        self.steps = steps if steps is not None else backbone.default_steps
-        self.guidance = guidance
-        self.n_models = n_models
-        self.val_seeds = [int(s) for s in val_seeds]
-        if len(self.val_seeds) != len(self.val_prompts):
-            raise ValueError(f"need one validation seed per validation prompt: {len(self.val_prompts)} prompts, {len(self.val_seeds)} seeds")
-        self.max_batch = max_batch
-        self.memory_budget_mb = memory_budget_mb
-        # anything with evaluate_population's signature (e.g. ray_eval.RayPopulationEvaluator);
-        # not part of describe(): where images are computed does not change the run
-        self.evaluator = evaluator
-
-    @property
-    def n_train_items(self) -> int:
-        return len(self.train_prompts)
-
-    def _scores(self, vectors: np.ndarray, prompts: Sequence["Prompt"], seeds: Sequence[int]) -> "PopulationScores":
-        from calibri_pipeline.method.search import PopulationScores
-
-        evaluate = evaluate_population if self.evaluator is None else self.evaluator.evaluate_population
-        per_reward = evaluate(
-            self.backbone,
-            self.space,
-            torch.as_tensor(np.asarray(vectors, dtype=np.float64)),
-            prompts,
-            seeds,
-            self.rewards,
-            steps=self.steps,
-            guidance=self.guidance,
-            n_models=self.n_models,
-            max_batch=self.max_batch,
-            memory_budget_mb=self.memory_budget_mb,
-        )
-        components = {name: s.to(torch.float64).mean(dim=1).numpy() for name, s in per_reward.items()}
-        fitness = np.zeros(len(vectors), dtype=np.float64)
-        for r in self.rewards:
-            sign = 1.0 if getattr(r, "higher_is_better", True) else -1.0
-            fitness += self.reward_weights[r.name] * sign * components[r.name]
-        return PopulationScores(fitness, components)
-
-    def train(self, vectors: np.ndarray, bucket: "Bucket") -> "PopulationScores":
-        prompts = [self.train_prompts[i] for i in bucket.item_indices]
-        return self._scores(vectors, prompts, bucket.seeds)
-
-    def validate(self, vectors: np.ndarray) -> "PopulationScores":
-        return self._scores(vectors, self.val_prompts, self.val_seeds)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
-            "space": {"granularity": self.space.granularity, "names": list(self.space.names)},
-            "train_prompts": [p.prompt_id for p in self.train_prompts],
-            "val_prompts": [p.prompt_id for p in self.val_prompts],
-            "val_seeds": self.val_seeds,
-            "rewards": self.reward_weights,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "n_models": self.n_models,
-        }
-
-
 __all__ = [
     "evaluate_population",
     "evaluate_population_loop",
     "estimate_image_memory_mb",
     "max_batch_for_budget",
     "resolve_max_batch",
-    "RewardObjective",
     "as_reward_list",
 ]

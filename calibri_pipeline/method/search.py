@@ -1,28 +1,24 @@
-"""CMA-ES search for Calibri vectors (paper §3.3-3.4, §4): ask/tell on pycma, resumable.
+"""CMA-ES search for Calibri vectors (paper §3.3-3.4, §4): the algorithm, on pycma's ask/tell.
 
-The search is split in two layers:
+:class:`CalibrationRun` optimises an abstract :class:`PopulationObjective` (anything that scores a
+population of vectors on a bucket of training items, and a single vector on the fixed validation
+set). It owns the bucket schedule (common random numbers: every candidate of a generation sees the
+same prompts and noise), validation selection and the stopping rules, and knows nothing about
+images: :mod:`calibri_pipeline.method.calibrate` binds it to a backbone and rewards. One generation
+is ask -> score -> tell -> validate -> record (:meth:`CalibrationRun._generation`).
 
-- :class:`CalibrationRun` is the algorithm on an abstract :class:`PopulationObjective` (anything that
-  scores a population of vectors on a bucket of training items and a single vector on the fixed
-  validation set). It owns the bucket schedule, common random numbers, validation selection,
-  stopping rules, records and resumption, and knows nothing about images.
-- :func:`calibrate` builds the objective for a real backbone + rewards
-  (:class:`calibri_pipeline.method.population.RewardObjective`) and the search vector layout
-  (:class:`~calibri_pipeline.method.ensemble.EnsembleLayout`), and returns coefficients per model.
-
-Resumption is by *replay*, not pickling: every generation's candidates and fitnesses are stored as
-JSON; on restart a fresh ``CMAEvolutionStrategy`` with the same seed re-asks and re-tells them. pycma
-draws from NumPy's global RNG, so every pycma call runs inside a private copy of that RNG
-(:class:`_PrivateNumpyRandom`): other code touching ``np.random`` can neither perturb the search nor
-be perturbed by it, and replay sees exactly the same random stream. Each stored generation carries a
-SHA-256 of the strategy's state (mean, step size, covariance, paths, RNG), so a replay that would
-not be bit-identical (another pycma or NumPy version) fails loudly instead of silently diverging.
+Resumption is by *replay* (:mod:`calibri_pipeline.method.journal` keeps every generation as JSON):
+on restart a fresh ``CMAEvolutionStrategy`` with the same seed re-asks and re-tells the stored
+generations. pycma draws from NumPy's global RNG, so every pycma call runs inside a private copy of
+that RNG (:class:`_PrivateNumpyRandom`): other code touching ``np.random`` can neither perturb the
+search nor be perturbed by it. Each stored generation carries a SHA-256 of the strategy's state
+(mean, step size, covariance, paths, RNG), so a replay that would not be bit-identical (another
+pycma or NumPy version) fails loudly instead of silently diverging.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -31,19 +27,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Se
 
 import numpy as np
 
-from calibri_pipeline.method.state_store import StateStore, check_state_name
+from calibri_pipeline.method.journal import STATE_FORMAT, RunJournal, jsonable
+from calibri_pipeline.method.state_store import StateStore
 
 if TYPE_CHECKING:
     import polars as pl
-    import torch
 
-    from calibri_pipeline.backbones.base import Backbone
-    from calibri_pipeline.method.ensemble import EnsembleLayout
-    from calibri_pipeline.method.space import CalibrationSpace
-    from calibri_pipeline.prompts.base import Prompt
-    from calibri_pipeline.rewards.base import Reward
-
-STATE_FORMAT = "calibri-cma-run/1"
 VALIDATE_CHOICES = ("mean", "best")
 
 GenerationCallback = Callable[[dict[str, Any]], None]
@@ -296,32 +285,6 @@ def _strategy_digest(es: Any, rng: _PrivateNumpyRandom) -> str:
     return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
-    """Normalise to what a JSON round trip gives (tuples -> lists, numpy scalars -> Python)."""
-    return json.loads(json.dumps(value, default=_json_default))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot store {type(value).__name__} in the run state")
-
-
-def _fingerprint_diff(stored: Any, current: Any, path: str = "") -> list[str]:
-    if isinstance(stored, dict) and isinstance(current, dict):
-        diffs = []
-        for key in sorted(set(stored) | set(current)):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in stored or key not in current:
-                diffs.append(sub)
-            else:
-                diffs.extend(_fingerprint_diff(stored[key], current[key], sub))
-        return diffs
-    return [] if stored == current else [path or "<root>"]
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -423,23 +386,15 @@ class CalibrationRun:
                 f"bucket_size={self.config.bucket_size} needs at least that many training prompts, got {n_items}"
             )
         self.popsize = self.config.popsize or default_popsize(d)
-        self.store = store
-        self.run_name = check_state_name(run_name)
+        self.journal = RunJournal(store, run_name)
+        self.run_name = self.journal.run_name
         self.on_generation = on_generation
         self.resume = resume
-
-    # -- state names -------------------------------------------------------------------------
-
-    def _manifest_name(self) -> str:
-        return f"{self.run_name}/manifest.json"
-
-    def _generation_name(self, generation: int) -> str:
-        return f"{self.run_name}/generation-{generation:06d}.json"
 
     def fingerprint(self) -> dict[str, Any]:
         import cma
 
-        return _jsonable(
+        return jsonable(
             {
                 "format": STATE_FORMAT,
                 "config": self.config.to_dict(),
@@ -498,124 +453,125 @@ class CalibrationRun:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> SearchResult:
-        cfg = self.config
+        """Replay what the journal holds, then generations until a stopping rule fires."""
         fingerprint = self.fingerprint()
         es, rng = self._new_strategy()
-        generations: list[dict[str, Any]] = []
-        candidates: list[dict[str, Any]] = []
-        validations: list[dict[str, Any]] = []
-        sigmas: list[float] = []
+        log = _RunLog()
+        stored = self.journal.load(fingerprint) if self.resume else None
         stop_reason: str | None = None
-        replayed = 0
-
-        stored = self._load_stored(fingerprint) if (self.store is not None and self.resume) else None
         if stored is not None:
             for record in stored["generations"]:
-                asked = self._ask(es, rng, record["generation"])
-                expected = np.array(record["candidates"], dtype=np.float64)
-                if len(asked) != expected.shape[0] or not np.array_equal(np.array(asked), expected):
-                    raise RuntimeError(
-                        f"replaying run {self.run_name!r}: CMA-ES proposed different candidates at generation "
-                        f"{record['generation']} than the stored run; the state cannot be resumed exactly"
-                    )
-                told = self._tell(es, rng, asked, np.array(record["fitness"], dtype=np.float64))
-                if _strategy_digest(es, rng) != record["strategy_sha256"]:
-                    raise RuntimeError(
-                        f"replaying run {self.run_name!r}: the CMA-ES state after generation {record['generation']} "
-                        "differs from the stored one (different pycma/NumPy build?); start over with resume=False"
-                    )
-                sigmas.append(told["sigma"])
-                self._collect(record, generations, candidates, validations)
-            replayed = len(stored["generations"])
+                self._replay(es, rng, record)
+                log.add(record)
             stop_reason = stored["manifest"].get("stop_reason")
+        replayed = len(log.generations)
 
-        best = self._best_validation(validations)
-        stale = self._stale_count(validations)
-        generation = len(generations)
         while stop_reason is None:
-            started = time.perf_counter()
-            asked = self._ask(es, rng, generation)
-            population = np.array(asked, dtype=np.float64)
-            bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
-            scores = self.objective.train(population, bucket)
-            if scores.fitness.shape != (len(asked),):
-                raise ValueError(f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates")
-            told = self._tell(es, rng, asked, scores.fitness)
-            sigmas.append(told["sigma"])
-
-            # which vector (if any) to validate now, and whether the run stops after this generation
-            done = generation + 1
-            reason = self._stop_reason(done, sigmas, told["cma_stop"], stale)
-            val_vector, val_source = None, None
-            if generation == 0:
-                val_vector, val_source = self.x0.copy(), "x0"
-            elif generation % cfg.val_every == 0 or reason is not None:
-                if cfg.validate == "mean":
-                    val_vector, val_source = told["mean"], "mean"
-                else:
-                    val_vector, val_source = population[int(np.argmax(scores.fitness))], "best"
-            validation = None
-            if val_vector is not None:
-                val_scores = self.objective.validate(val_vector[None, :])
-                score = float(val_scores.fitness[0])
-                is_best = best is None or score > best["score"] + cfg.min_val_gain
-                validation = {
-                    "generation": generation,
-                    "source": val_source,
-                    "score": score,
-                    "components": {k: float(v[0]) for k, v in val_scores.components.items()},
-                    "vector": val_vector.tolist(),
-                    "is_best": bool(is_best),
-                }
-                if is_best:
-                    best, stale = validation, 0
-                elif generation > 0:
-                    stale += 1
-                if reason is None:
-                    reason = self._stop_reason(done, sigmas, told["cma_stop"], stale)
-
-            best_index = int(np.argmax(scores.fitness))
-            record = {
-                "generation": generation,
-                "bucket": bucket.to_dict(),
-                "candidates": population.tolist(),
-                "fitness": scores.fitness.tolist(),
-                "components": {k: v.tolist() for k, v in scores.components.items()},
-                "sigma": told["sigma"],
-                "mean": told["mean"].tolist(),
-                "train_mean": float(np.mean(scores.fitness)),
-                "train_best": float(scores.fitness[best_index]),
-                "train_best_index": best_index,
-                "validation": validation,
-                "stop_reason": reason,
-                "seconds": time.perf_counter() - started,
-                "strategy_sha256": _strategy_digest(es, rng),
-            }
-            self._save(record, fingerprint, stop_reason=reason)
-            row = self._collect(record, generations, candidates, validations)
+            record = self._generation(es, rng, len(log.generations), log)
+            stop_reason = record["stop_reason"]
+            self.journal.save_generation(record, fingerprint, stop_reason=stop_reason)
+            row = log.add(record)
             if self.on_generation is not None:
                 self.on_generation(row)
-            stop_reason = reason
-            generation += 1
 
-        best = self._best_validation(validations)
+        best = log.best_validation()
         if best is None:  # only possible for a stored run from before its first validation
             raise RuntimeError(f"run {self.run_name!r} finished without any validation")
         return SearchResult(
             vector=np.array(best["vector"], dtype=np.float64),
             val_score=float(best["score"]),
-            baseline_val_score=float(validations[0]["score"]),
+            baseline_val_score=float(log.validations[0]["score"]),
             best_generation=int(best["generation"]),
             x0=self.x0.copy(),
             stop_reason=stop_reason,
-            generations=generations,
-            candidates=candidates,
-            validations=validations,
+            generations=log.generations,
+            candidates=log.candidates,
+            validations=log.validations,
             popsize=self.popsize,
             dimension=self.x0.size,
             replayed_generations=replayed,
             names=self.names,
         )
+
+    def _replay(self, es: Any, rng: _PrivateNumpyRandom, record: dict[str, Any]) -> None:
+        """Re-ask and re-tell a stored generation; any difference from the stored run is an error."""
+        asked = self._ask(es, rng, record["generation"])
+        expected = np.array(record["candidates"], dtype=np.float64)
+        if len(asked) != expected.shape[0] or not np.array_equal(np.array(asked), expected):
+            raise RuntimeError(
+                f"replaying run {self.run_name!r}: CMA-ES proposed different candidates at generation "
+                f"{record['generation']} than the stored run; the state cannot be resumed exactly"
+            )
+        self._tell(es, rng, asked, np.array(record["fitness"], dtype=np.float64))
+        if _strategy_digest(es, rng) != record["strategy_sha256"]:
+            raise RuntimeError(
+                f"replaying run {self.run_name!r}: the CMA-ES state after generation {record['generation']} "
+                "differs from the stored one (different pycma/NumPy build?); start over with resume=False"
+            )
+
+    def _generation(self, es: Any, rng: _PrivateNumpyRandom, generation: int, log: "_RunLog") -> dict[str, Any]:
+        """ask -> score on the generation's bucket -> tell -> maybe validate -> the record to keep."""
+        cfg = self.config
+        started = time.perf_counter()
+        asked = self._ask(es, rng, generation)
+        population = np.array(asked, dtype=np.float64)
+        bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
+        scores = self.objective.train(population, bucket)
+        if scores.fitness.shape != (len(asked),):
+            raise ValueError(f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates")
+        told = self._tell(es, rng, asked, scores.fitness)
+        sigmas = log.sigmas + [told["sigma"]]
+        done = generation + 1
+        reason = self._stop_reason(done, sigmas, told["cma_stop"], log.stale)
+
+        validation = None
+        val_vector, val_source = self._to_validate(generation, reason, told["mean"], population, scores.fitness)
+        if val_vector is not None:
+            val_scores = self.objective.validate(val_vector[None, :])
+            score = float(val_scores.fitness[0])
+            best = log.best_validation()
+            is_best = best is None or score > best["score"] + cfg.min_val_gain
+            validation = {
+                "generation": generation,
+                "source": val_source,
+                "score": score,
+                "components": {k: float(v[0]) for k, v in val_scores.components.items()},
+                "vector": val_vector.tolist(),
+                "is_best": bool(is_best),
+            }
+            stale = 0 if is_best else log.stale + (1 if generation > 0 else 0)
+            if reason is None:
+                reason = self._stop_reason(done, sigmas, told["cma_stop"], stale)
+
+        best_index = int(np.argmax(scores.fitness))
+        return {
+            "generation": generation,
+            "bucket": bucket.to_dict(),
+            "candidates": population.tolist(),
+            "fitness": scores.fitness.tolist(),
+            "components": {k: v.tolist() for k, v in scores.components.items()},
+            "sigma": told["sigma"],
+            "mean": told["mean"].tolist(),
+            "train_mean": float(np.mean(scores.fitness)),
+            "train_best": float(scores.fitness[best_index]),
+            "train_best_index": best_index,
+            "validation": validation,
+            "stop_reason": reason,
+            "seconds": time.perf_counter() - started,
+            "strategy_sha256": _strategy_digest(es, rng),
+        }
+
+    def _to_validate(
+        self, generation: int, reason: str | None, mean: np.ndarray, population: np.ndarray, fitness: np.ndarray
+    ) -> tuple[np.ndarray | None, str | None]:
+        """Generation 0 validates x0 (the baseline); then every ``val_every`` and the last generation."""
+        if generation == 0:
+            return self.x0.copy(), "x0"
+        if generation % self.config.val_every == 0 or reason is not None:
+            if self.config.validate == "mean":
+                return mean, "mean"
+            return population[int(np.argmax(fitness))], "best"
+        return None, None
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -634,38 +590,29 @@ class CalibrationRun:
             return "cma:" + ",".join(cma_stop)
         return None
 
-    @staticmethod
-    def _best_validation(validations: list[dict[str, Any]]) -> dict[str, Any] | None:
-        best = None
-        for v in validations:
-            if v["is_best"]:
-                best = v
-        return best
 
-    @staticmethod
-    def _stale_count(validations: list[dict[str, Any]]) -> int:
-        stale = 0
-        for v in validations:
-            stale = 0 if v["is_best"] else stale + 1
-        return stale
+class _RunLog:
+    """What the run has seen so far, in the shapes :class:`SearchResult` reports."""
 
-    def _collect(
-        self,
-        record: dict[str, Any],
-        generations: list[dict[str, Any]],
-        candidates: list[dict[str, Any]],
-        validations: list[dict[str, Any]],
-    ) -> dict[str, Any]:
+    def __init__(self) -> None:
+        self.generations: list[dict[str, Any]] = []
+        self.candidates: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []
+        self.sigmas: list[float] = []
+
+    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Take in one generation record; return its row of :attr:`generations`."""
         g = record["generation"]
         for i, (vector, fit) in enumerate(zip(record["candidates"], record["fitness"])):
             row = {"generation": g, "index": i, "fitness": fit, "injected_x0": g == 0 and i == 0}
             for name, values in record["components"].items():
                 row[f"train/{name}"] = values[i]
             row["vector"] = vector
-            candidates.append(row)
+            self.candidates.append(row)
         val = record["validation"]
         if val is not None:
-            validations.append(val)
+            self.validations.append(val)
+        self.sigmas.append(record["sigma"])
         row = {
             "generation": g,
             "sigma": record["sigma"],
@@ -680,215 +627,33 @@ class CalibrationRun:
             "seconds": record["seconds"],
             "stop_reason": record["stop_reason"],
         }
-        generations.append(row)
+        self.generations.append(row)
         return row
 
-    def _save(self, record: dict[str, Any], fingerprint: dict[str, Any], stop_reason: str | None) -> None:
-        if self.store is None:
-            return
-        g = record["generation"]
-        # the generation file first, then the manifest that makes it count: a crash in between
-        # leaves a stray file that the resumed run recomputes (identically) and overwrites
-        self.store.save(self._generation_name(g), json.dumps(record, default=_json_default).encode())
-        manifest = {
-            "format": STATE_FORMAT,
-            "fingerprint": fingerprint,
-            "generations_done": g + 1,
-            "finished": stop_reason is not None,
-            "stop_reason": stop_reason,
-        }
-        self.store.save(self._manifest_name(), json.dumps(manifest, default=_json_default).encode())
-
-    def _load_stored(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-        assert self.store is not None
-        if not self.store.exists(self._manifest_name()):
-            return None
-        manifest = json.loads(self.store.load(self._manifest_name()))
-        if manifest.get("format") != STATE_FORMAT:
-            raise ValueError(f"run {self.run_name!r} in the store has format {manifest.get('format')!r}, expected {STATE_FORMAT!r}")
-        diffs = _fingerprint_diff(manifest["fingerprint"], fingerprint)
-        if diffs:
-            raise ValueError(
-                f"the store already holds a run named {self.run_name!r} with different settings "
-                f"({', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}); use another run_name, or resume=False to overwrite"
-            )
-        records = []
-        for g in range(int(manifest["generations_done"])):
-            record = json.loads(self.store.load(self._generation_name(g)))
-            if record["generation"] != g:
-                raise ValueError(f"stored generation file {self._generation_name(g)} holds generation {record['generation']}")
-            records.append(record)
-        return {"manifest": manifest, "generations": records}
-
-
-# --------------------------------------------------------------------------------------------
-# Calibrating a real backbone
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CalibrationResult:
-    """A finished calibration: the search result plus its meaning for the model."""
-
-    search: SearchResult
-    layout: "EnsembleLayout"
-    coefficient_names: list[str]
-    granularity: str
-    steps: int
-    guidance: float | None
+    def best_validation(self) -> dict[str, Any] | None:
+        best = None
+        for v in self.validations:
+            if v["is_best"]:
+                best = v
+        return best
 
     @property
-    def vector(self) -> np.ndarray:
-        return self.search.vector
-
-    @property
-    def n_models(self) -> int:
-        return self.layout.n_models
-
-    @property
-    def coefficients(self) -> np.ndarray:
-        """``[n_models, size]``: the coefficients of every ensemble member."""
-        n, s = self.layout.n_models, self.layout.size
-        return self.search.vector[: n * s].reshape(n, s).copy()
-
-    @property
-    def weights(self) -> np.ndarray:
-        """``[n_models]`` ensemble weights."""
-        return self.search.vector[self.layout.n_models * self.layout.size :].copy()
-
-    @property
-    def val_score(self) -> float:
-        return self.search.val_score
-
-    @property
-    def baseline_val_score(self) -> float:
-        return self.search.baseline_val_score
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary (what the pipeline stores next to the coefficients)."""
-        return {
-            "granularity": self.granularity,
-            "n_models": self.layout.n_models,
-            "ensemble_mode": self.layout.mode,
-            "names": list(self.coefficient_names),
-            "coefficients": self.coefficients.tolist(),
-            "weights": self.weights.tolist(),
-            "vector": self.search.vector.tolist(),
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "val_score": self.search.val_score,
-            "baseline_val_score": self.search.baseline_val_score,
-            "best_generation": self.search.best_generation,
-            "generations": self.search.n_generations,
-            "popsize": self.search.popsize,
-            "stop_reason": self.search.stop_reason,
-        }
-
-
-def calibrate(
-    backbone: "Backbone",
-    space: "CalibrationSpace",
-    train_prompts: Sequence["Prompt"],
-    val_prompts: Sequence["Prompt"],
-    rewards: "Reward | Sequence[Reward]",
-    *,
-    reward_weights: Mapping[str, float] | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    n_models: int = 1,
-    warm_start: "Sequence[float] | np.ndarray | torch.Tensor | None" = None,
-    config: SearchConfig | None = None,
-    val_seeds: Sequence[int] | None = None,
-    store: StateStore | None = None,
-    run_name: str = "calibration",
-    resume: bool = True,
-    on_generation: GenerationCallback | None = None,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    evaluator: Any = None,
-) -> CalibrationResult:
-    """Calibrate ``backbone`` with CMA-ES and return the best coefficients by validation.
-
-    ``rewards`` are all scored and recorded; the fitness is ``sum(weight * reward)`` over
-    ``reward_weights`` (default: weight 1 for a single reward; rewards with
-    ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
-    (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
-    part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's.
-    ``evaluator`` scores populations elsewhere (e.g. a ``RayPopulationEvaluator``; default in-process).
-    """
-    import torch
-
-    from calibri_pipeline.method.ensemble import EnsembleLayout
-    from calibri_pipeline.method.population import RewardObjective
-
-    config = config if config is not None else SearchConfig()
-    steps = steps if steps is not None else backbone.default_steps
-    if guidance is None:
-        guidance = backbone.default_guidance
-    layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
-    if layout.search_size != space.search_size(n_models):
-        raise ValueError(f"layout search size {layout.search_size} != space.search_size({n_models}) = {space.search_size(n_models)}")
-    x0 = layout.initial(guidance if layout.mode == "cfg" else None).numpy().astype(np.float64)
-    if warm_start is not None:
-        warm = np.asarray(warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64).reshape(-1)
-        if warm.size == layout.search_size:
-            x0 = warm
-        elif warm.size == space.size:
-            x0[: n_models * space.size] = np.tile(warm, n_models)
-        else:
-            raise ValueError(
-                f"warm_start must have {layout.search_size} entries (a full search vector for n_models={n_models}) "
-                f"or {space.size} (one model's coefficients), got {warm.size}"
-            )
-    lower, upper = layout.bounds(config.coefficient_bounds, config.weight_bounds)
-    objective = RewardObjective(
-        backbone,
-        space,
-        train_prompts,
-        val_prompts,
-        rewards,
-        reward_weights=reward_weights,
-        steps=steps,
-        guidance=guidance,
-        n_models=n_models,
-        val_seeds=val_seeds if val_seeds is not None else validation_seeds(config.seed, len(val_prompts)),
-        max_batch=max_batch,
-        memory_budget_mb=memory_budget_mb,
-        evaluator=evaluator,
-    )
-    run = CalibrationRun(
-        objective,
-        x0,
-        lower,
-        upper,
-        config,
-        store=store,
-        run_name=run_name,
-        on_generation=on_generation,
-        resume=resume,
-        names=layout.names(space.names),
-    )
-    search = run.run()
-    return CalibrationResult(
-        search=search,
-        layout=layout,
-        coefficient_names=list(space.names),
-        granularity=space.granularity,
-        steps=steps,
-        guidance=guidance,
-    )
+    def stale(self) -> int:
+        """Validations since the last new best."""
+        stale = 0
+        for v in self.validations:
+            stale = 0 if v["is_best"] else stale + 1
+        return stale
 
 
 __all__ = [
     "SearchConfig",
     "SearchResult",
     "CalibrationRun",
-    "CalibrationResult",
     "PopulationObjective",
     "PopulationScores",
     "Bucket",
     "make_bucket",
     "validation_seeds",
     "default_popsize",
-    "calibrate",
 ]
