@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from calibri_pipeline import CalibrationSpace
-from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
 from calibri_pipeline.method.sampler import euler_sample, flow_sigmas, make_velocity_fn
 
 diffusers = pytest.importorskip("diffusers")
@@ -89,13 +89,15 @@ def test_x0_of_every_mode_reproduces_the_base_model_exactly(flux):
     base = make_velocity_fn(model_fn, cond, uncond, 3.5)(x, sigma)
     for n_models in (1, 2):
         x0 = EnsembleLayout(space.size, n_models, cfg=True).initial(3.5)
-        v = make_velocity_fn(model_fn, cond, uncond, 3.5, space=space, transformer=model, vectors=x0,
-                             n_models=n_models)(x, sigma)
+        v = make_velocity_fn(model_fn, cond, uncond, 3.5, search=SearchSpace.for_model(space, n_models, uses_cfg=True), transformer=model,
+                             vectors=x0)(x, sigma)
         assert torch.equal(v, base), n_models
     # without CFG: plain model, and an ensemble of 2 identical members at weights 1/2
     plain = make_velocity_fn(model_fn, cond)(x, sigma)
     x0 = EnsembleLayout(space.size, 2, cfg=False).initial()
-    v = make_velocity_fn(model_fn, cond, space=space, transformer=model, vectors=x0, n_models=2)(x, sigma)
+    v = make_velocity_fn(model_fn, cond, search=SearchSpace.for_model(space, 2, uses_cfg=False), transformer=model, vectors=x0)(
+        x, sigma
+    )
     torch.testing.assert_close(v, plain, atol=1e-6, rtol=0)
 
 
@@ -107,7 +109,7 @@ def test_cfg_ensemble_is_a_weighted_sum_of_separately_calibrated_passes(flux):
     sigma = torch.full((2,), 0.4)
     c_cond, c_uncond, w = torch.tensor([0.8, 1.3]), torch.tensor([1.1, 0.0]), torch.tensor([2.5, -1.2])
     vec = torch.cat([c_cond, c_uncond, w])
-    v = make_velocity_fn(model_fn, cond, uncond, 3.0, space=space, transformer=model, vectors=vec, n_models=2)(
+    v = make_velocity_fn(model_fn, cond, uncond, 3.0, search=SearchSpace.for_model(space, 2, uses_cfg=True), transformer=model, vectors=vec)(
         x, sigma
     )
     with space.apply(model, c_cond):
@@ -125,13 +127,13 @@ def test_per_image_vectors_equal_each_image_alone(flux):
     x = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(4))
     sigma = torch.full((3,), 0.9)
     vecs = layout.initial(3.0).float() + 0.3 * torch.randn(3, layout.search_size, generator=torch.Generator().manual_seed(6))
-    v = make_velocity_fn(model_fn, cond, uncond, 3.0, space=space, transformer=model, vectors=vecs, n_models=2)(
+    v = make_velocity_fn(model_fn, cond, uncond, 3.0, search=SearchSpace(space, layout), transformer=model, vectors=vecs)(
         x, sigma
     )
     for i in range(3):
         alone = make_velocity_fn(
-            model_fn, {k: t[i : i + 1] for k, t in cond.items()}, uncond, 3.0, space=space, transformer=model,
-            vectors=vecs[i], n_models=2,
+            model_fn, {k: t[i : i + 1] for k, t in cond.items()}, uncond, 3.0, search=SearchSpace(space, layout),
+            transformer=model, vectors=vecs[i],
         )(x[i : i + 1], sigma[i : i + 1])
         torch.testing.assert_close(v[i : i + 1], alone, atol=2e-5, rtol=1e-5)
 
@@ -143,9 +145,12 @@ def test_velocity_errors(flux):
     x, sigma = torch.zeros(2, 9, 4), torch.ones(2)
     with pytest.raises(ValueError, match="guidance scale"):
         make_velocity_fn(model_fn, cond, uncond, None)
-    with pytest.raises(ValueError, match="space"):
+    with pytest.raises(ValueError, match="search space"):
         make_velocity_fn(model_fn, cond, vectors=torch.ones(3))
+    search = SearchSpace.for_model(space, 1, uses_cfg=False)
     with pytest.raises(ValueError, match="3 Calibri vectors for a batch of 2"):
-        make_velocity_fn(model_fn, cond, space=space, transformer=model, vectors=torch.ones(3, 3))(x, sigma)
+        make_velocity_fn(model_fn, cond, search=search, transformer=model, vectors=torch.ones(3, 3))(x, sigma)
+    with pytest.raises(ValueError, match="without classifier-free guidance"):
+        make_velocity_fn(model_fn, cond, uncond, 3.0, search=search, transformer=model, vectors=torch.ones(3))
     with pytest.raises(ValueError, match="batch 5"):
         make_velocity_fn(model_fn, {k: t.repeat(5, *[1] * (t.ndim - 1))[:5] for k, t in cond.items()})(x, sigma)

@@ -631,6 +631,7 @@ class DiffusersBackbone:
         progress: bool = False,
     ) -> torch.Tensor:
         """Images ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU (see the Backbone protocol)."""
+        from calibri_pipeline.method.ensemble import SearchSpace
         from calibri_pipeline.method.sampler import euler_sample, make_velocity_fn
 
         texts = prompt_texts(prompts)
@@ -666,10 +667,9 @@ class DiffusersBackbone:
                     cond,
                     uncond,
                     guidance if self.uses_cfg else None,
-                    space=space if vectors is not None else None,
+                    search=SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg) if vectors is not None else None,
                     transformer=self.transformer if vectors is not None else None,
                     vectors=vectors[start:stop] if vectors is not None else None,
-                    n_models=n_models,
                 )
                 velocity = self._velocity_wrapper(velocity)
                 callback = (lambda i, x, _c=stop - start: bar.update(_c)) if bar is not None else None

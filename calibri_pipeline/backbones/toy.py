@@ -277,6 +277,7 @@ class ToyBackbone:
         max_batch: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
+        from calibri_pipeline.method.ensemble import SearchSpace
         from calibri_pipeline.method.sampler import euler_sample, make_velocity_fn
 
         texts = _prompt_texts(prompts)
@@ -313,10 +314,9 @@ class ToyBackbone:
                 cond,
                 uncond,
                 guidance,
-                space=space if vectors is not None else None,
+                search=SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg) if vectors is not None else None,
                 transformer=self.transformer if vectors is not None else None,
                 vectors=vectors[start:stop] if vectors is not None else None,
-                n_models=n_models,
             )
             chunk = stop - start
             callback = (lambda i, x, _c=chunk: bar.update(_c)) if bar is not None else None

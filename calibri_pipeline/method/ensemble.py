@@ -20,9 +20,12 @@ How the members are run depends on the backbone:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from calibri_pipeline.method.space import CalibrationSpace
 
 MODES = ("single", "cfg", "ensemble")
 
@@ -126,3 +129,63 @@ class EnsembleLayout:
         if self.mode == "cfg":
             return [("cond", coefficients[:, 0], weights[:, 0]), ("uncond", coefficients[:, 1], weights[:, 1])]
         return [("cond", coefficients[:, m], weights[:, m]) for m in range(self.n_models)]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a Calibri search vector means for one model: its coefficients and its ensemble layout.
+
+    Built once (:meth:`for_model`) and passed down instead of ``(space, n_models)``; every vector
+    entering the sampler is checked here, once (:meth:`check`).
+    """
+
+    space: "CalibrationSpace"
+    layout: EnsembleLayout
+
+    @classmethod
+    def for_model(cls, space: "CalibrationSpace", n_models: int = 1, *, uses_cfg: bool) -> "SearchSpace":
+        """The one place a layout is made from a calibration space and a backbone's guidance kind."""
+        return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)))
+
+    @property
+    def n_models(self) -> int:
+        return self.layout.n_models
+
+    @property
+    def dimension(self) -> int:
+        return self.layout.search_size
+
+    @property
+    def granularity(self) -> str:
+        return self.space.granularity
+
+    def names(self) -> list[str]:
+        return self.layout.names(self.space.names)
+
+    def x0(self, guidance: float | None) -> torch.Tensor:
+        """The search's start: the unmodified model (all-ones coefficients, weights that reproduce it)."""
+        return self.layout.initial(guidance if self.layout.mode == "cfg" else None)
+
+    def check(self, vectors: Any, n: int | None = None) -> torch.Tensor:
+        """``[D]`` or ``[N, D]`` numbers -> float32 ``[N, D]`` on the CPU; one clear error otherwise.
+
+        A single ``[D]`` vector is shared by ``n`` images when ``n`` is given.
+        """
+        try:
+            vec = torch.as_tensor(vectors.detach() if isinstance(vectors, torch.Tensor) else vectors)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"Calibri vectors must be a tensor or nested sequence of numbers: {exc}") from None
+        vec = vec.to(device="cpu", dtype=torch.float32)
+        d = self.dimension
+        if vec.ndim == 1 and vec.shape[0] == d:
+            vec = vec.unsqueeze(0) if n is None else vec.unsqueeze(0).expand(n, d)
+        if vec.ndim != 2 or vec.shape[1] != d or vec.shape[0] < 1:
+            raise ValueError(
+                f"Calibri vectors must have shape [{d}] or [N, {d}] ({self.n_models} x {self.space.size} "
+                f"{self.space.granularity} coefficients + {self.n_models} weights), got {tuple(vec.shape)}"
+            )
+        if n is not None and vec.shape[0] != n:
+            raise ValueError(f"got {vec.shape[0]} Calibri vectors for {n} images")
+        if not torch.isfinite(vec).all():
+            raise ValueError("Calibri vectors contain NaN or infinite values")
+        return vec

@@ -8,12 +8,11 @@ Convention (as in FLUX / SD3): ``x_sigma = (1 - sigma) * x0 + sigma * noise`` wi
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Mapping
 
 import torch
 
-from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.ensemble import SearchSpace
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -69,22 +68,29 @@ def make_velocity_fn(
     uncond: Mapping[str, torch.Tensor] | None = None,
     guidance: float | None = None,
     *,
-    space=None,
+    search: SearchSpace | None = None,
     transformer: torch.nn.Module | None = None,
     vectors: torch.Tensor | None = None,
-    n_models: int = 1,
 ) -> VelocityFn:
     """The velocity of a (calibrated, ensembled, guided) denoiser as one batched transformer call.
 
     ``vectors=None`` is the unmodified model (standard CFG with ``guidance`` when ``uncond`` is
-    given). Otherwise ``vectors`` ``[N, space.search_size(n_models)]`` (or one shared vector) holds
-    each image's Calibri vector; every pass of every image goes through the transformer in a single
-    forward with per-sample coefficients, so a whole CMA-ES population costs one batch.
+    given). Otherwise ``vectors`` holds each image's Calibri vector in ``search``'s layout (``[N, D]``,
+    or one ``[D]`` shared by the batch), already checked by :meth:`SearchSpace.check`; every pass of
+    every image goes through the transformer in a single forward with per-sample coefficients, so a
+    whole CMA-ES population costs one batch.
     """
     if uncond is not None and guidance is None:
         raise ValueError("classifier-free guidance needs a guidance scale")
-    if vectors is not None and (space is None or transformer is None):
-        raise ValueError("calibrated sampling needs both `space` and `transformer`")
+    if vectors is not None:
+        if search is None or transformer is None:
+            raise ValueError("calibrated sampling needs the vectors' search space and the transformer")
+        if search.layout.cfg != (uncond is not None):
+            raise ValueError(
+                f"the search space was laid out {'with' if search.layout.cfg else 'without'} classifier-free "
+                f"guidance, but the sampler {'has' if uncond is not None else 'has no'} unconditional input"
+            )
+    layout = search.layout if search is not None else None
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -101,21 +107,18 @@ def make_velocity_fn(
             # written as the ensemble's weighted sum, so x0 of a search reproduces it bit for bit
             return guidance * v_cond + (1.0 - guidance) * v_uncond
 
-        layout = EnsembleLayout(space.size, n_models, cfg=uncond is not None)
-        vec = torch.as_tensor(vectors, dtype=torch.float32, device=x.device)
+        vec = vectors.to(device=x.device, dtype=torch.float32)
         if vec.ndim == 1:
             vec = vec.unsqueeze(0).expand(n, -1)
         if vec.shape[0] != n:
             raise ValueError(f"got {vec.shape[0]} Calibri vectors for a batch of {n} images")
         passes = layout.passes(vec, guidance)
-        if any(kind == "uncond" for kind, _, _ in passes) and uncond is None:
-            raise ValueError("this ensemble needs an unconditional input (uncond)")
         batch_cond = {
             key: torch.cat([conds[kind][key] for kind, _, _ in passes]) for key in conds["cond"]
         }
         coefficients = torch.cat([c for _, c, _ in passes])
         k = len(passes)
-        with space.apply(transformer, coefficients) if space is not None else nullcontext():
+        with search.space.scaled(transformer, coefficients):
             v_all = model_fn(x.repeat(k, *([1] * (x.ndim - 1))), sigma.repeat(k), batch_cond)
         v_all = v_all.reshape(k, n, *x.shape[1:])
         shape = (n,) + (1,) * (x.ndim - 1)

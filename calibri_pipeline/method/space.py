@@ -30,6 +30,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from calibri_pipeline.method.ensemble import EnsembleLayout
+
 GRANULARITIES = ("block", "layer", "gate")
 _ACTIVE_ATTR = "_calibri_space_active"
 
@@ -223,9 +225,7 @@ class CalibrationSpace:
 
     def search_size(self, n_models: int = 1) -> int:
         """Length of a Calibri search vector: ``n_models`` coefficient sets + ``n_models`` ensemble weights."""
-        if not isinstance(n_models, int) or n_models < 1:
-            raise ValueError(f"n_models must be a positive int, got {n_models!r}")
-        return n_models * self.size + n_models
+        return EnsembleLayout(self.size, n_models).search_size
 
     def __len__(self) -> int:
         return self.size
@@ -292,7 +292,12 @@ class CalibrationSpace:
         ``coefficients`` is ``[size]`` (every sample alike) or ``[batch, size]`` (row ``i`` for sample
         ``i`` of every forward inside the context). Hooks are removed on exit, also on error.
         """
-        coefficients = self.check_coefficients(coefficients)
+        with self.scaled(transformer, self.check_coefficients(coefficients)):
+            yield transformer
+
+    @contextmanager
+    def scaled(self, transformer: nn.Module, coefficients: torch.Tensor) -> Iterator[nn.Module]:
+        """:meth:`apply` for coefficients that were already checked (the sampler's hot path)."""
         targets = self._targets(transformer)
         if getattr(transformer, _ACTIVE_ATTR, False):
             raise RuntimeError(
