@@ -348,9 +348,52 @@ def test_registry_loads_local_folders(saved, backbones, arch):
     opts = dict(resolution=RES, device="cpu", dtype="float32", **BUILDERS[arch][2])
     loaded = load_backbone(str(saved / arch), **opts)  # model_index.json names the pipeline
     assert type(loaded) is BUILDERS[arch][1] and loaded.name == arch
+    # exact: the same weights in the same dtype, in fresh aligned memory (see the next test), run the
+    # same kernels as the in-memory original: a replay of the same computation
     torch.testing.assert_close(_gen(loaded, PROMPTS[:1], [6]), _gen(backbones[arch], PROMPTS[:1], [6]), atol=0, rtol=0)
     preset = load_backbone(arch, path=str(saved / arch), **opts)  # a preset's architecture from a local copy
     assert type(preset) is BUILDERS[arch][1] and preset.name == arch
+
+
+def _misplaced_tensors(modules) -> list[str]:
+    """CPU parameters and buffers that are not 64-byte aligned or not contiguous (as fresh memory is)."""
+    return [
+        f"{component}.{name}"
+        for component, module in modules.items()
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.device.type == "cpu" and t.numel() and (t.data_ptr() % 64 or not t.is_contiguous())
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reloaded_weights_are_in_aligned_contiguous_memory(saved, pipes, arch):
+    """from_pretrained memory-maps safetensors at unaligned offsets, where CPU kernels round differently."""
+    loaded = load_backbone(str(saved / arch), resolution=RES, device="cpu", dtype="float32", **BUILDERS[arch][2])
+    modules = {k: v for k, v in loaded.pipeline.components.items() if isinstance(v, torch.nn.Module)}
+    assert {"transformer", "vae", "text_encoder"} <= set(modules)
+    assert _misplaced_tensors(modules) == []
+    # pure data movement: the original's weights, bit for bit
+    original = pipes[arch].transformer.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in loaded.transformer.state_dict().items())
+
+
+def test_realign_cpu_weights_copies_only_misplaced_tensors():
+    from calibri_pipeline.backbones.diffusers_dit import realign_cpu_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    model.register_buffer("scale", torch.arange(8.0))
+    weight, bias = model[0].weight, model[0].bias
+    values = weight.detach().clone()
+    weight.data = torch.empty(65)[1:].view(8, 8).copy_(values)  # 4 bytes past an aligned start
+    bias.data = torch.randn(8, 2)[:, 0]  # strided
+    model.scale = torch.empty(9)[1:].copy_(torch.arange(8.0))
+    untouched = model[1].weight.data_ptr()
+    assert len(_misplaced_tensors({"m": model})) == 3
+    assert realign_cpu_weights([model]) == 3
+    assert _misplaced_tensors({"m": model}) == []
+    assert model[0].weight is weight and model[0].bias is bias  # the same Parameters, new memory
+    assert torch.equal(weight, values) and torch.equal(model.scale, torch.arange(8.0))
+    assert model[1].weight.data_ptr() == untouched and realign_cpu_weights([model]) == 0
 
 
 def test_registry_errors(saved, tmp_path):
@@ -399,6 +442,7 @@ def test_registry_toy_dispatch(tmp_path):
     toy = load_backbone("toy", path=tmp_path)
     assert isinstance(toy, ToyBackbone)
     assert all(torch.equal(a, b) for a, b in zip(toy.transformer.state_dict().values(), model.state_dict().values()))
+    assert _misplaced_tensors({"transformer": toy.transformer}) == []  # loaded into freshly built modules
     with pytest.raises(TypeError, match="unexpected lora"):
         load_backbone("toy", lora="x")
     with pytest.raises(FileNotFoundError):

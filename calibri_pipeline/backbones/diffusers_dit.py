@@ -14,7 +14,9 @@ stable_diffusion_3,qwenimage}``):
 - prompts go through the pipeline's own ``encode_prompt``, one prompt at a time (so an embedding never
   depends on which other prompts were encoded with it), cached per text on the CPU (bounded, LRU);
 - each image's noise comes from its own ``torch.Generator`` seeded with its seed, drawn on the CPU in
-  float32 and then moved: an image never depends on its batch mates, on the device or on ``max_batch``;
+  float32 and then moved: an image's noise never depends on its batch mates, on the device or on
+  ``max_batch``, so the image itself is equal up to float rounding across batch compositions (kernels
+  choose their code path by batch shape) and bitwise identical when the same call is replayed;
 - FLUX: guidance-distilled (no CFG); the guidance scale goes into the ``guidance`` embedding; timestep =
   sigma; the shift is the pipeline's resolution-dependent ``mu`` (``exp(mu)`` is exactly an SD3-style
   shift of the sigmas); latents are packed in 2x2 patches with ``img_ids``/``txt_ids`` for RoPE;
@@ -43,7 +45,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 
@@ -210,6 +212,46 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+#: bytes: PyTorch's CPU allocator aligns every fresh tensor to this (one AVX-512 register)
+CPU_ALIGNMENT = 64
+
+
+def _misplaced(t: torch.Tensor) -> bool:
+    """A plain CPU tensor whose memory a fresh allocation would not give: unaligned or not contiguous."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() > 0
+            and (t.data_ptr() % CPU_ALIGNMENT != 0 or not t.is_contiguous()))
+
+
+def realign_cpu_weights(modules: Iterable[torch.nn.Module]) -> int:
+    """Copy every CPU parameter and buffer of ``modules`` that is unaligned or strided into fresh memory.
+
+    Values do not change (a copy) and parameters stay the same ``Parameter`` objects (only ``.data`` is
+    replaced), so hooks and calibration spaces that hold them keep working; GPU tensors and tensor
+    subclasses (quantised weights) are left alone. Returns how many tensors were copied.
+    """
+    # mmap-ed safetensors weights are not 64-byte aligned, and CPU GEMM/SDPA kernels round differently on them
+    copied = 0
+    seen: set[int] = set()
+    for component in modules:
+        for param in component.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if _misplaced(param.data):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+                copied += 1
+        copies: dict[int, torch.Tensor] = {}  # one copy per buffer: a buffer shared by modules stays shared
+        for module in component.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if id(buffer) not in copies:
+                    if not _misplaced(buffer):
+                        continue
+                    copies[id(buffer)] = buffer.clone(memory_format=torch.contiguous_format)
+                setattr(module, name, copies[id(buffer)])
+        copied += len(copies)
+    return copied
+
+
 # --------------------------------------------------------------------------------------------
 # LoRA: merged into the weights, so the calibration space sees plain nn.Linear projections
 # --------------------------------------------------------------------------------------------
@@ -343,6 +385,8 @@ class DiffusersBackbone:
         self.vae = pipeline.vae.eval().requires_grad_(False)
         for module in self._text_encoders():
             module.eval().requires_grad_(False)
+        # from_pretrained leaves weights in unaligned mmap memory: realigned, they run the saved model's CPU kernels
+        realign_cpu_weights(self._torch_components())
         # text -> conditioning (batch 1, on the CPU: a FLUX T5 embedding is 4 MB; least recently used first out)
         self._prompt_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._warn_unsupported_schedule()
@@ -491,6 +535,15 @@ class DiffusersBackbone:
                 f"guidance={self.default_guidance}, cfg={self.uses_cfg}, device={self.device}, dtype={self.dtype})")
 
     # -- prompts ---------------------------------------------------------------------------------
+
+    def _torch_components(self) -> list[torch.nn.Module]:
+        """Every torch module of the pipeline: transformer, VAE, text encoders (and any other)."""
+        found = [self.transformer, self.vae, *self._text_encoders()]
+        found += [m for m in getattr(self.pipeline, "components", {}).values() if isinstance(m, torch.nn.Module)]
+        unique: dict[int, torch.nn.Module] = {}
+        for module in found:
+            unique.setdefault(id(module), module)
+        return list(unique.values())
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -938,4 +991,5 @@ __all__ = [
     "unpack_2x2",
     "scheduler_shift",
     "parse_dtype",
+    "realign_cpu_weights",
 ]
