@@ -123,7 +123,9 @@ def test_scale_sweep_grid_and_heatmap(backbone):
     assert at_one["delta"].to_list() == [0.0] * space.size
     # alpha = 0 is the block ablation on the same cells
     ablation = block_ablation(backbone, space, prompts, ColourMatch(), seeds=(3, 4), steps=2, guidance=2.5, n_boot=300)
-    np.testing.assert_allclose(table.filter(table["alpha"] == 0.0)["delta"].to_numpy(), ablation.table["delta"].to_numpy(), atol=1e-6)
+    # the sweep's population is larger than the ablation's, so its images come from other batch shapes
+    # (other kernels): the deltas agree up to float rounding of the images, not bitwise
+    np.testing.assert_allclose(table.filter(table["alpha"] == 0.0)["delta"].to_numpy(), ablation.table["delta"].to_numpy(), atol=1e-5)
     decode(sweep.plot())
     with pytest.raises(ValueError, match="distinct"):
         scale_sweep(backbone, space, prompts, ColourMatch(), alphas=(0.5, 0.5))

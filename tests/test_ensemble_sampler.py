@@ -98,7 +98,9 @@ def test_x0_of_every_mode_reproduces_the_base_model_exactly(flux):
     v = make_velocity_fn(model_fn, cond, search=SearchSpace.for_model(space, 2, uses_cfg=False), transformer=model, vectors=x0)(
         x, sigma
     )
-    torch.testing.assert_close(v, plain, atol=1e-6, rtol=0)
+    # two members double the forward's batch, so the GEMM kernels differ: velocities (|v| ~ 1.6) agree up to
+    # float rounding, not bitwise
+    torch.testing.assert_close(v, plain, atol=2e-5, rtol=1e-5)
 
 
 def test_cfg_ensemble_is_a_weighted_sum_of_separately_calibrated_passes(flux):

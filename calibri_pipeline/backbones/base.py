@@ -18,8 +18,11 @@ class Backbone(Protocol):
     ``vectors`` is the Calibri search vector of each image: ``[N, space.search_size(n_models)]``
     (or one shared ``[search_size]``): ``n_models`` blocks of ``space.size`` coefficients followed by
     ``n_models`` ensemble weights (see :class:`calibri_pipeline.method.ensemble.EnsembleLayout`).
-    ``vectors=None`` is the unmodified model. Images with the same (prompt, seed, vector) are
-    identical whatever else is in the batch, so a CMA-ES population runs as one batch.
+    ``vectors=None`` is the unmodified model. An image depends only on its (prompt, seed, vector),
+    never on what else is in the batch, so a CMA-ES population runs as one batch: across batch
+    compositions (batch mates, order, ``max_batch``) images are equal up to float rounding (CPU and
+    GPU kernels pick their code path, and so their summation order, by batch shape), and the same
+    call replayed gives bitwise identical images.
     """
 
     name: str

@@ -4,7 +4,8 @@ Every image of every candidate goes through :meth:`Backbone.generate` in a singl
 per-image vectors (the backbone micro-batches it, ``max_batch`` images per transformer forward),
 because a generation's cost is mostly per-forward overhead at small batch sizes, not arithmetic.
 :func:`evaluate_population_loop` is the plain one-candidate-at-a-time reference; both give the same
-scores (the backbone contract: an image depends only on its prompt, seed and vector).
+scores up to float rounding (the backbone contract: an image depends only on its prompt, seed and
+vector; batch shape changes only the kernels' rounding), and the same call replayed gives identical scores.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 :func:`calibri_pipeline.method.population.evaluate_population`: same arguments, same ``[P, B]``
 scores. The ``P * B`` images of a call are cut into contiguous chunks that go to the actors one at
 a time (a worker that finishes early takes the next chunk). Since an image depends only on its
-(prompt, seed, vector) and never on its batch mates (the Backbone contract), where an image is
-generated changes nothing but float rounding.
+(prompt, seed, vector) and never on its batch mates (the Backbone contract: equal up to float rounding
+across batch compositions, bitwise only when the same call is replayed), where an image is generated
+changes nothing but float rounding.
 
 A worker that dies (killed, out of memory, node lost) is replaced by a fresh actor and its chunk
 is evaluated again, up to ``max_retries`` times per chunk; an exception raised *inside* a worker
