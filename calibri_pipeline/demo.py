@@ -3,6 +3,9 @@
 Runs in-process through ``dagster.materialize`` against a persistent Dagster instance in
 ``<CALIBRI_HOME>/dagster_home``, so ``dagster dev`` started with the same ``DAGSTER_HOME`` shows
 every materialization, its plots and image grids afterwards.
+
+Every choice (size, preset, reward, home) is checked before anything is written: a bad one is
+one line on stderr and exit code 2, with no catalog, Dagster home or object folder left behind.
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-#: run-config overrides per demo size (the preset supplies everything else)
-#: rewards of the embedded world that a calibration can optimize offline (the reward partitions' first keys)
+#: rewards of the embedded world that a calibration can optimize offline (a subset of
+#: calibri_pipeline.assets.common.REWARD_KEYS, the rewards the `reward` partitions may hold)
 EMBEDDED_REWARDS = ("world_score", "world_alignment", "world_quality")
+#: the model partition the demo runs (the shipped toy DiT)
+DEMO_MODEL = "toy"
 
+#: run-config overrides per demo size (the preset supplies everything else)
 SIZES: dict[str, dict] = {
     "default": {},
     "small": dict(n_train=200, n_val=32, n_test=48, generations=12, ablation_prompts=16, nfe_list=[2, 4, 8, 30]),
@@ -25,6 +32,90 @@ SIZES: dict[str, dict] = {
                  popsize=4, bucket_size=4, val_every=1, ablation_prompts=3, ablation_seeds=[0], sweep_alphas=[0.0, 2.0],
                  nfe_list=[1, 2]),
 }
+
+
+class DemoUsageError(ValueError):
+    """A bad choice on the demo's command line; `main` prints it as one line and exits with 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block and exit; we want one line
+        raise DemoUsageError(message)
+
+
+@dataclass(frozen=True)
+class DemoArgs:
+    home: Path
+    size: str
+    preset: str
+    reward: str
+
+
+def demo_presets(model: str = DEMO_MODEL) -> list[str]:
+    """The presets of the registry that run on the demo's model."""
+    from calibri_pipeline.presets import PRESETS
+
+    return [name for name, p in PRESETS.items() if p.model == model]
+
+
+def check_choices(home: Path, size: str, preset: str, reward: str, model: str = DEMO_MODEL) -> None:
+    """Raise DemoUsageError for a choice the demo cannot run; reads only, writes nothing."""
+    from calibri_pipeline.presets import PRESETS
+
+    if size not in SIZES:
+        raise DemoUsageError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    runnable = demo_presets(model)
+    if preset not in PRESETS:
+        raise DemoUsageError(f"unknown preset {preset!r}; the demo runs one of {', '.join(runnable)}")
+    if preset not in runnable:
+        raise DemoUsageError(f"preset {preset!r} is for model {PRESETS[preset].model!r}, the demo runs model {model!r}; "
+                             f"choose one of {', '.join(runnable)}")
+    if reward not in EMBEDDED_REWARDS:
+        raise DemoUsageError(f"unknown reward {reward!r} for the demo (it optimises offline rewards only); "
+                             f"choose one of {', '.join(EMBEDDED_REWARDS)}")
+    check_home(home)
+
+
+def check_home(home: Path) -> None:
+    """``home`` is a writable directory, or can be created as one (nothing is created here)."""
+    home = Path(home)
+    if home.exists():
+        if not home.is_dir():
+            raise DemoUsageError(f"--home {home} is a file, not a directory")
+        if not os.access(home, os.W_OK | os.X_OK):
+            raise DemoUsageError(f"--home {home} is not writable")
+        for child in ("dagster_home", "objects"):
+            if (home / child).exists() and not (home / child).is_dir():
+                raise DemoUsageError(f"--home {home} holds a file {child!r} where the demo needs a directory")
+        return
+    parent = home.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DemoUsageError(f"--home {home} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DemoUsageError(f"--home {home} cannot be created: {parent} is not writable")
+
+
+def parse_args(argv: list[str] | None = None) -> DemoArgs:
+    """The demo's options, every choice checked (DemoUsageError); writes nothing."""
+    parser = _Parser(prog="calibri demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="default", metavar="{" + ",".join(SIZES) + "}",
+                        help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)")
+    parser.add_argument("--preset", default="embedded-default", metavar="{" + ",".join(demo_presets()) + "}",
+                        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block, "
+                             "1 model) or embedded-gate-cfg (gate, CFG ensemble)")
+    parser.add_argument("--reward", default="world_score", metavar="{" + ",".join(EMBEDDED_REWARDS) + "}",
+                        help="the reward CMA-ES optimizes (every world reward is still evaluated): run the demo again "
+                             "with another one into the same --home to fill Table 7 and see whether a reward is gamed")
+    parser.add_argument("--home", default=os.environ.get("CALIBRI_HOME", ".calibri"),
+                        help="where the catalog, images and Dagster instance go")
+    ns = parser.parse_args(argv)
+    if not ns.home.strip():
+        raise DemoUsageError("--home is empty")
+    args = DemoArgs(home=Path(ns.home).expanduser().resolve(), size=ns.size, preset=ns.preset, reward=ns.reward)
+    check_choices(args.home, args.size, args.preset, args.reward)
+    return args
 
 
 def _setup_home(home: Path) -> Path:
@@ -40,8 +131,9 @@ def _setup_home(home: Path) -> Path:
 
 
 def run_demo(home: Path, size: str = "default", preset: str = "embedded-default", reward: str = "world_score",
-             model: str = "toy") -> dict:
-    _setup_home(home)
+             model: str = DEMO_MODEL) -> dict:
+    check_choices(Path(home), size, preset, reward, model)  # before anything is written
+    _setup_home(Path(home))
     import dagster as dg
 
     from calibri_pipeline.assets import ALL_ASSET_CHECKS
@@ -107,17 +199,13 @@ def summary_text(home: Path, info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="calibri demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="default", help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)")
-    parser.add_argument("--preset", default="embedded-default", help="embedded-default (block, 1 model) or embedded-gate-cfg (gate, CFG ensemble)")
-    parser.add_argument("--reward", default="world_score", choices=EMBEDDED_REWARDS,
-                        help="the reward CMA-ES optimizes (every world reward is still evaluated): run the demo again "
-                             "with another one into the same --home to fill Table 7 and see whether a reward is gamed")
-    parser.add_argument("--home", default=os.environ.get("CALIBRI_HOME", ".calibri"), help="where the catalog, images and Dagster instance go")
-    args = parser.parse_args(argv)
-    home = Path(args.home).resolve()
-    info = run_demo(home, args.size, args.preset, reward=args.reward)
-    print(summary_text(home, info))
+    try:
+        args = parse_args(argv)
+    except DemoUsageError as error:
+        print(f"calibri demo: error: {error} (see `calibri demo --help`)", file=sys.stderr)
+        return 2
+    info = run_demo(args.home, args.size, args.preset, reward=args.reward)
+    print(summary_text(args.home, info))
     sys.stdout.flush()
     return 0
 

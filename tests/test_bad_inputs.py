@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pytest
 from pydantic import ValidationError
 
+from calibri_pipeline.demo import DemoUsageError
 from calibri_pipeline.method.space import CalibrationError
 from calibri_pipeline.prompts.loaders import PromptFileError
 from calibri_pipeline.rewards.base import RewardError
@@ -140,6 +141,23 @@ def _unknown_model_key(world: World) -> None:
 
 def _unknown_model_partition(world: World) -> None:
     _materialize_prompts(world, model="sdxl", preset=None)  # the preset then comes from the model's kind
+
+
+def _demo_args(*argv: str, home: str | None = None) -> Callable[[World], None]:
+    """`calibri demo <argv> --home <home>`, up to the point where `main` would create the home."""
+
+    def run(world: World) -> None:
+        from calibri_pipeline.demo import DemoUsageError, parse_args
+
+        target = world.root / (home or "home")
+        existed = target.exists()
+        try:
+            parse_args([*argv, "--home", str(target)])
+        except DemoUsageError:
+            assert existed or not target.exists(), f"{target} was created"
+            raise
+
+    return run
 
 
 def _missing_checkpoint(world: World) -> None:
@@ -370,6 +388,8 @@ def _bad_ray_address(world: World) -> None:
 
 
 NOTHING_WRITTEN = "the call fails before it writes anything"
+DEMO_CHECKED = ("checked in `main` before the home is set up (one stderr line, exit 2): no home, catalog, Dagster home "
+                "or objects folder")
 CASES: list[Case] = [
     Case("unknown-backbone", "`load_backbone(\"flux-pro-ultra\")`", _unknown_backbone, ValueError,
          r"unknown backbone 'flux-pro-ultra'; choose one of toy, flux, sd3, qwen-image", NOTHING_WRITTEN),
@@ -440,6 +460,20 @@ CASES: list[Case] = [
          r"model spec models/toy--broken.json is malformed \(no 'kind'\)", "only reads the spec"),
     Case("credentials-in-ray-address", "`RayResource(address=\"ray://admin:hunter2@head:10001\")`", _bad_ray_address,
          ValidationError, r"must not carry credentials", NOTHING_WRITTEN),
+    Case("demo-unknown-preset", "`calibri demo --preset flux-turbo`", _demo_args("--preset", "flux-turbo"),
+         DemoUsageError, r"unknown preset 'flux-turbo'; the demo runs one of embedded-default, embedded-gate-cfg", DEMO_CHECKED),
+    Case("demo-preset-for-another-model", "`calibri demo --preset flux-block-hpsv3`", _demo_args("--preset", "flux-block-hpsv3"),
+         DemoUsageError, r"preset 'flux-block-hpsv3' is for model 'flux', the demo runs model 'toy'", DEMO_CHECKED),
+    Case("demo-unknown-reward", "`calibri demo --reward hpsv4`", _demo_args("--reward", "hpsv4"), DemoUsageError,
+         r"unknown reward 'hpsv4' for the demo .*choose one of world_score, world_alignment, world_quality", DEMO_CHECKED),
+    Case("demo-unknown-size", "`calibri demo --size huge`", _demo_args("--size", "huge"), DemoUsageError,
+         r"unknown size 'huge'; choose one of default, small, tiny", DEMO_CHECKED),
+    Case("demo-home-is-a-file", "`calibri demo --home <an existing file>`",
+         _demo_args(home="objects/models/existing.json"), DemoUsageError, r"--home .*existing.json is a file, not a directory",
+         DEMO_CHECKED),
+    Case("demo-home-under-a-file", "`calibri demo --home <an existing file>/home`",
+         _demo_args(home="objects/models/existing.json/home"), DemoUsageError,
+         r"--home .*existing.json/home cannot be created: .*existing.json is a file", DEMO_CHECKED),
 ]
 
 
@@ -479,6 +513,46 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def test_the_table_has_enough_distinct_cases() -> None:
     assert len(CASES) >= 15 and len({c.id for c in CASES}) == len(CASES)
+
+
+#: `calibri demo` with a bad choice, run as a command: (id, arguments, words its one stderr line must hold)
+DEMO_BAD_CHOICES = [
+    ("unknown-preset", ["--preset", "flux-turbo"], ["unknown preset", "'flux-turbo'", "embedded-default"]),
+    ("preset-for-another-model", ["--preset", "flux-block-hpsv3"], ["preset 'flux-block-hpsv3'", "model 'flux'", "embedded-default"]),
+    ("unknown-reward", ["--reward", "hpsv4"], ["unknown reward", "'hpsv4'", "world_score"]),
+    ("unknown-size", ["--size", "huge"], ["unknown size", "'huge'", "tiny"]),
+    ("home-is-a-file", ["--home", "{file}"], ["--home", "is a file, not a directory"]),
+    ("home-under-a-file", ["--home", "{file}/home"], ["--home", "cannot be created", "is a file"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "words"), [c[1:] for c in DEMO_BAD_CHOICES], ids=[c[0] for c in DEMO_BAD_CHOICES])
+def test_calibri_demo_refuses_a_bad_choice_in_one_line_and_creates_nothing(argv: list[str], words: list[str],
+                                                                           tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    home = tmp_path / "home"
+    argv = [a.replace("{file}", str(blocker)) for a in argv]
+    if "--home" not in argv:
+        argv += ["--home", str(home)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
+    env["PYTHONPATH"] = str(repo)
+    before = sorted(tmp_path.rglob("*"))
+    # run from tmp_path: without --home the demo would use ./.calibri, so the working directory is watched too
+    proc = subprocess.run([sys.executable, "-m", "calibri_pipeline.cli", "demo", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not home.exists()
+    assert sorted(tmp_path.rglob("*")) == before  # no home, catalog, dagster_home or objects folder anywhere
 
 
 def markdown_table() -> str:
