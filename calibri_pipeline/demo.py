@@ -1,8 +1,9 @@
 """`calibri demo`: materialize the whole asset graph on the embedded default and print the result.
 
-Runs in-process through ``dagster.materialize`` against a persistent Dagster instance in
+Runs in-process the preset's Dagster job (``preset__<name>`` from the Definitions, asset checks
+included) and then ``build_paper_tables``, against a persistent Dagster instance in
 ``<CALIBRI_HOME>/dagster_home``, so ``dagster dev`` started with the same ``DAGSTER_HOME`` shows
-every materialization, its plots and image grids afterwards.
+both runs (Runs, Jobs), every materialization, its plots and image grids afterwards.
 
 Every choice (size, preset, reward, home) is checked before anything is written: a bad one is
 one line on stderr and exit code 2, with no catalog, Dagster home or object folder left behind.
@@ -130,34 +131,41 @@ def _setup_home(home: Path) -> Path:
     return dagster_home
 
 
+def preset_job_name(preset: str) -> str:
+    """The Dagster job of a preset (calibri_pipeline.assets.automation.PRESET_JOBS)."""
+    return f"preset__{preset.replace('-', '_')}"
+
+
 def run_demo(home: Path, size: str = "default", preset: str = "embedded-default", reward: str = "world_score",
              model: str = DEMO_MODEL) -> dict:
     check_choices(Path(home), size, preset, reward, model)  # before anything is written
     _setup_home(Path(home))
     import dagster as dg
 
-    from calibri_pipeline.assets import ALL_ASSET_CHECKS
-    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS, paper_tables
     from calibri_pipeline.assets.automation import _asset_config
-    from calibri_pipeline.assets.common import MODEL_PARTITIONS
+    from calibri_pipeline.assets.common import MODEL_PARTITIONS, REWARD_PARTITIONS
+    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS
+    from calibri_pipeline.definitions import defs
     from calibri_pipeline.resources import default_resources
 
     instance = dg.DagsterInstance.get()
-    if model not in instance.get_dynamic_partitions(MODEL_PARTITIONS.name):
-        instance.add_dynamic_partitions(MODEL_PARTITIONS.name, [model])
-    overrides = dict(SIZES[size], preset=preset)
+    for dimension, key in ((MODEL_PARTITIONS, model), (REWARD_PARTITIONS, reward)):
+        if key not in instance.get_dynamic_partitions(dimension.name):
+            instance.add_dynamic_partitions(dimension.name, [key])
+    # resources built now, from this home (defs may have been imported before CALIBRI_HOME was set)
+    resources = default_resources()
+    tags = {"calibri/demo": size}
     t0 = time.perf_counter()
-    result = dg.materialize(
-        [*PARTITIONED_ASSETS, *ALL_ASSET_CHECKS],
-        partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}),
+    result = defs.resolve_job_def(preset_job_name(preset)).execute_in_process(
         instance=instance,
-        resources=default_resources(),
-        run_config=_asset_config(PARTITIONED_ASSETS, **overrides),
-        tags={"calibri/demo": size},
+        partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}),
+        run_config=_asset_config(PARTITIONED_ASSETS, **SIZES[size], preset=preset),
+        tags=tags,
+        resources=resources,
     )
-    if result.success:  # the cross-partition tables, as their own run
-        result = dg.materialize([paper_tables], instance=instance, resources=default_resources(),
-                                tags={"calibri/demo": size})
+    if result.success:  # the cross-partition tables, as their own run of their own job
+        result = defs.resolve_job_def("build_paper_tables").execute_in_process(instance=instance, tags=tags,
+                                                                               resources=resources)
     wall = time.perf_counter() - t0
     if not result.success:
         raise SystemExit("demo run failed: see the log above (or `dagster dev` for the run)")

@@ -107,7 +107,7 @@ class Case:
     guarantee: str
 
 
-def _materialize_prompts(world: World, model: str = "toy", **config: Any) -> None:
+def _materialize_prompts(world: World, model: str = "toy", reward: str = "world_score", **config: Any) -> None:
     """The `prompts` asset of one partition, with the tiny demo config plus ``config``."""
     import dagster as dg
 
@@ -119,8 +119,9 @@ def _materialize_prompts(world: World, model: str = "toy", **config: Any) -> Non
     fields = {**SIZES["tiny"], "preset": "embedded-default", **config}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("model", [model])
+        instance.add_dynamic_partitions("reward", [reward])
         dg.materialize(
-            [prompts], partition_key=dg.MultiPartitionKey({"model": model, "reward": "world_score"}), instance=instance,
+            [prompts], partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}), instance=instance,
             resources={"catalog": CatalogResource(path=str(world.catalog_path)),
                        "object_store": ObjectStoreResource(url=str(world.store_dir))},
             run_config=_asset_config([prompts], **{k: v for k, v in fields.items() if v is not None}),
@@ -141,6 +142,10 @@ def _unknown_model_key(world: World) -> None:
 
 def _unknown_model_partition(world: World) -> None:
     _materialize_prompts(world, model="sdxl", preset=None)  # the preset then comes from the model's kind
+
+
+def _unknown_reward_partition(world: World) -> None:
+    _materialize_prompts(world, reward="hpsv4")  # a dynamic partition anyone can add; not a known reward
 
 
 def _demo_args(*argv: str, home: str | None = None) -> Callable[[World], None]:
@@ -474,6 +479,9 @@ CASES: list[Case] = [
     Case("demo-home-under-a-file", "`calibri demo --home <an existing file>/home`",
          _demo_args(home="objects/models/existing.json/home"), DemoUsageError,
          r"--home .*existing.json/home cannot be created: .*existing.json is a file", DEMO_CHECKED),
+    Case("unknown-reward-partition", "`prompts` asset materialized for reward partition `hpsv4`", _unknown_reward_partition,
+         ValueError, r"unknown reward partition 'hpsv4'; a calibration optimises one of world_score",
+         "the asset fails while reading its partition keys, before `Catalog.replace`"),
 ]
 
 

@@ -104,6 +104,32 @@ def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
     torch.testing.assert_close(model.get_submodule(target).weight, original.get_submodule(target).weight * c)
 
 
+def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkeypatch):
+    """The UI's Runs and Jobs pages show the demo, and its partition reads as 1 of 1 materialized."""
+    import dagster as dg
+
+    from calibri_pipeline.assets.common import PARTITIONS
+    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS
+
+    home, _ = demo_home
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
+    with dg.DagsterInstance.get() as instance:
+        runs = [r.dagster_run for r in instance.get_run_records()]
+        demo_runs = {r.job_name: r for r in runs if "calibri/demo" in r.tags}
+        assert sorted(demo_runs) == ["build_paper_tables", "preset__embedded_default"]  # no __ephemeral_asset_job__
+        [preset_run] = [r for r in runs if r.job_name == "preset__embedded_default"]
+        assert preset_run.status == dg.DagsterRunStatus.SUCCESS
+        assert demo_runs["build_paper_tables"].status == dg.DagsterRunStatus.SUCCESS
+        checks = instance.all_logs(preset_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        assert {e.dagster_event.event_specific_data.check_name for e in checks} == {
+            "baseline_scores_are_finite", "calibration_beats_baseline", "diversity_not_collapsed"}
+        assert instance.get_dynamic_partitions("model") == ["toy"]
+        assert instance.get_dynamic_partitions("reward") == ["world_score"]
+        assert PARTITIONS.get_partition_keys(dynamic_partitions_store=instance) == ["toy|world_score"]
+        for asset in PARTITIONED_ASSETS:  # every partition that exists is materialized: "1 of 1" in the UI
+            assert instance.get_materialized_partitions(asset.key) == {"toy|world_score"}, asset.key
+
+
 def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     import dagster as dg
 
@@ -161,14 +187,19 @@ def test_checkpoint_sensor_adds_partition_and_requests_warm_started_run(tmp_path
         ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store})
         first = checkpoint_sensor(ctx)
         assert first.run_requests == []  # nothing new yet; only the built-in toy partition
-        assert first.dynamic_partitions_requests[0].partition_keys == ["toy"]
+        assert [r.partition_keys for r in first.dynamic_partitions_requests] == [["toy"]]  # no reward without a run
         instance.add_dynamic_partitions("model", ["toy"])  # what the daemon does with the request
+        assert instance.get_dynamic_partitions("reward") == []
         shutil.copytree(default_weights_dir(), incoming / "step-0500")
         (incoming / "half-copied").mkdir()  # no weights yet: ignored until complete
         (incoming / "half-copied" / "config.json").write_text("{")
         ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store}, cursor=first.cursor)
         second = checkpoint_sensor(ctx)
-        assert second.dynamic_partitions_requests[0].partition_keys == ["toy--step-0500"]
+        model_request, reward_request = second.dynamic_partitions_requests  # the reward it recalibrates for, too
+        assert model_request.partitions_def_name == "model" and model_request.partition_keys == ["toy--step-0500"]
+        assert reward_request.partitions_def_name == "reward" and reward_request.partition_keys == ["world_score"]
+        instance.add_dynamic_partitions("model", model_request.partition_keys)
+        instance.add_dynamic_partitions("reward", reward_request.partition_keys)
         [request] = second.run_requests
         assert request.partition_key == dg.MultiPartitionKey({"model": "toy--step-0500", "reward": "world_score"})
         assert request.run_config["ops"]["calibration"]["config"]["warm_start_from"] == "toy"
@@ -177,6 +208,7 @@ def test_checkpoint_sensor_adds_partition_and_requests_warm_started_run(tmp_path
         shutil.copytree(default_weights_dir(), incoming / "step-1000")
         ctx = dg.build_sensor_context(instance=instance, resources={"object_store": store}, cursor=second.cursor)
         third = checkpoint_sensor(ctx)
+        assert [r.partition_keys for r in third.dynamic_partitions_requests] == [["toy--step-1000"]]  # reward exists
         [request] = third.run_requests  # the older checkpoint is not requested again
         assert request.run_config["ops"]["calibration"]["config"]["warm_start_from"] == "toy--step-0500"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import dagster as dg
 
-from calibri_pipeline.assets.common import MODEL_PARTITIONS, PARTITIONS
+from calibri_pipeline.assets.common import MODEL_PARTITIONS, PARTITIONS, REWARD_PARTITIONS, check_reward_key
 from calibri_pipeline.assets.pipeline import (
     PARTITIONED_ASSETS,
     baseline_images,
@@ -39,12 +39,12 @@ recalibrate_job = dg.define_asset_job("recalibrate", selection=RECALIBRATE,
 evaluate_job = dg.define_asset_job("evaluate", selection=[evaluation, diversity],
                                    description="re-evaluate the latest calibration of a partition")
 
-#: one job per ready-made configuration, selectable in the UI; the preset pre-fills every asset's config
+#: one job per ready-made configuration, selectable in the UI; the preset pre-fills every asset's config.
+#: Selecting the assets selects their asset checks too (they run in the same run, after their asset).
 PRESET_JOBS = [
     dg.define_asset_job(
         f"preset__{name.replace('-', '_')}",
         selection=PARTITIONED_ASSETS,
-        
         config=_asset_config(PARTITIONED_ASSETS, preset=name),
         description=f"{name}: {preset.notes} (model key '{preset.model}', reward '{preset.reward}')",
     )
@@ -97,6 +97,7 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, object_store: ObjectS
     from calibri_pipeline.models import checkpoint_key, register_model
 
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    reward = check_reward_key(DEFAULT_RECALIBRATION_REWARD)  # a bad CALIBRI_SENSOR_REWARD fails the tick, adds nothing
     existing = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
     new_partitions = [] if "toy" in existing else ["toy"]  # the embedded default is always there
     run_requests = []
@@ -110,18 +111,18 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, object_store: ObjectS
         new_partitions.append(key)
         seen[ckpt["name"]] = key
         seen[f"latest:{ckpt['kind']}"] = key
-        partition_key = dg.MultiPartitionKey({"model": key, "reward": DEFAULT_RECALIBRATION_REWARD})
+        partition_key = dg.MultiPartitionKey({"model": key, "reward": reward})
         run_requests.append(dg.RunRequest(
             run_key=f"recalibrate:{key}", partition_key=partition_key,
             run_config=_asset_config(RECALIBRATE, warm_start_from=parent),
             tags={"calibri/checkpoint": ckpt["path"], "calibri/warm_start_from": parent},
         ))
         context.log.info(f"new checkpoint {ckpt['name']} ({ckpt['kind']}) -> partition {key}, warm start from {parent}")
-    return dg.SensorResult(
-        run_requests=run_requests,
-        dynamic_partitions_requests=[MODEL_PARTITIONS.build_add_request(new_partitions)] if new_partitions else [],
-        cursor=json.dumps(seen),
-    )
+    partition_requests = [MODEL_PARTITIONS.build_add_request(new_partitions)] if new_partitions else []
+    if run_requests and reward not in context.instance.get_dynamic_partitions(REWARD_PARTITIONS.name):
+        partition_requests.append(REWARD_PARTITIONS.build_add_request([reward]))  # added before the runs start
+    return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=partition_requests,
+                           cursor=json.dumps(seen))
 
 
 def _exists(url: str) -> bool:
@@ -136,11 +137,12 @@ def reevaluate_schedule(context: dg.ScheduleEvaluationContext, catalog: CatalogR
     df = catalog.catalog.query(
         "SELECT DISTINCT model, reward FROM calibration_runs WHERE status = 'finished' ORDER BY model, reward"
     )
-    known = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
+    models = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
+    rewards = set(context.instance.get_dynamic_partitions(REWARD_PARTITIONS.name))
     requests = [
         dg.RunRequest(run_key=f"reevaluate:{m}|{r}:{context.scheduled_execution_time:%Y%m%d}",
                       partition_key=dg.MultiPartitionKey({"model": m, "reward": r}))
-        for m, r in df.iter_rows() if m in known
+        for m, r in df.iter_rows() if m in models and r in rewards
     ]
     return requests or dg.SkipReason("no finished calibration to re-evaluate")
 

@@ -17,20 +17,35 @@ if TYPE_CHECKING:
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.storage.catalog import Catalog
 
-#: rewards a calibration can optimise (the ``reward`` partition dimension)
+#: rewards a calibration can optimise: the keys a ``reward`` partition may have (checked by `partition`)
 REWARD_KEYS = ["world_score", "world_alignment", "world_quality", "hpsv3", "pickscore", "imagereward", "qalign", "clipscore"]
 
 MODEL_PARTITIONS = dg.DynamicPartitionsDefinition(name="model")
-REWARD_PARTITIONS = dg.StaticPartitionsDefinition(REWARD_KEYS)
+# Rewards are dynamic too, not a static list of REWARD_KEYS: with a static dimension every model
+# has 8 reward partitions, so a demo that calibrates one reward shows "1 of 8" and the grey
+# "not materialized" mark in the lineage view. Only rewards actually used exist as partitions
+# (the demo adds its reward, the checkpoint sensor the one it recalibrates for); REWARD_KEYS
+# stays the list they are validated against.
+REWARD_PARTITIONS = dg.DynamicPartitionsDefinition(name="reward")
 PARTITIONS = dg.MultiPartitionsDefinition({"model": MODEL_PARTITIONS, "reward": REWARD_PARTITIONS})
 
 
+def check_reward_key(reward: str) -> str:
+    """``reward`` if a calibration can optimise it (a REWARD_KEYS entry), else a ValueError."""
+    if reward not in REWARD_KEYS:
+        raise ValueError(f"unknown reward partition {reward!r}; a calibration optimises one of {', '.join(REWARD_KEYS)}")
+    return reward
+
+
 def partition(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
-    """(model, reward, run_key) of the running partition; run_key tags every catalog row."""
+    """(model, reward, run_key) of the running partition; run_key tags every catalog row.
+
+    Both keys are validated here, at the top of every asset, so a bad partition fails before
+    anything is written."""
     from calibri_pipeline.models import check_model_key
 
     keys = context.partition_key.keys_by_dimension
-    model, reward = check_model_key(keys["model"]), keys["reward"]
+    model, reward = check_model_key(keys["model"]), check_reward_key(keys["reward"])
     return model, reward, f"{model}|{reward}"
 
 
