@@ -70,6 +70,7 @@ def test_two_processes_materializing_different_partitions_lose_nothing(tmp_path:
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("model", ["toy"])
+        instance.add_dynamic_partitions("reward", ["world_score", "world_quality"])  # reward partitions are dynamic
 
     catalog = Catalog(tmp_path / "catalog.duckdb", lock_timeout=120)
     script = tmp_path / "runner.py"
