@@ -24,10 +24,12 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-# The UI over the same Dagster instance and catalog the demo wrote to.
+# The UI over the same Dagster instance and catalog the demo wrote to (DAGSTER_HOME=.calibri/dagster_home).
+# `calibri dev` runs `dg dev` so that Ctrl-C or SIGTERM stops it with all its processes, also as a
+# background job; DEV_ARGS passes options, e.g. make dev DEV_ARGS='--port 3001 --cli dagster'.
+DEV_ARGS ?=
 dev: install
-	mkdir -p .calibri/dagster_home
-	DAGSTER_HOME=$(CURDIR)/.calibri/dagster_home $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/calibri dev $(DEV_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/hook_overhead.py

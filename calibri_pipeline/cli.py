@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-toy": ("calibri_pipeline.training.evaluate_toy:main", "measure the toy model's accuracy per category and NFE"),
     "calibrate": ("calibri_pipeline.method.experiments:main", "run a Calibri calibration from the command line"),
     "serve-reward": ("calibri_pipeline.rewards.server:main", "serve a reward over HTTP on loopback"),
+    "dev": ("calibri_pipeline.dev_server:main", "serve the Dagster UI over the demo's instance; Ctrl-C/SIGTERM stop all of it"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Dagster side: resources in a real materialization, the `gpu` pool, and `dagster dev` serving the definitions."""
+"""Dagster side: resources in a real materialization, the `gpu` pool, `dagster dev` serving the definitions,
+`calibri dev` stopping with its whole process tree, and `dg check defs`."""
 
 from __future__ import annotations
 
@@ -214,6 +215,21 @@ _RESOURCES = """query($repo: String!, $location: String!) {
 }"""
 
 
+def _wait_until_loaded(process: subprocess.Popen, port: int, log_path: Path, timeout: float = 90) -> list[dict]:
+    """Poll the webserver on 127.0.0.1:port until every code location is LOADED; its location entries."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
+        try:
+            entries = _graphql(port, _WORKSPACE)["workspaceOrError"].get("locationEntries")
+            if entries and all(e["loadStatus"] == "LOADED" for e in entries):
+                return entries
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass  # not listening yet
+        time.sleep(1)
+    pytest.fail(f"the server was not ready within {timeout:g} s:\n{log_path.read_text()[-3000:]}")
+
+
 def _restore_default_signals() -> None:
     # A background launcher may have SIGINT/SIGTERM ignored; dagster dev would inherit that and
     # never shut down. Runs in the child between fork and exec.
@@ -222,11 +238,16 @@ def _restore_default_signals() -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether a live process (not a zombie waiting for init to reap it) is in process group pgid."""
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split() if stat else []
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 @pytest.mark.slow
@@ -249,21 +270,7 @@ def test_dagster_dev_serves_the_definitions(tmp_path: Path, loopback_port: int) 
             preexec_fn=_restore_default_signals,
         )
     try:
-        deadline = time.monotonic() + 90
-        entries = None
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"dagster dev exited with {process.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                data = _graphql(port, _WORKSPACE)["workspaceOrError"]
-                entries = data.get("locationEntries")
-                if entries and all(e["loadStatus"] == "LOADED" for e in entries):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass  # not listening yet
-            time.sleep(1)
-        else:
-            pytest.fail(f"dagster dev not ready within 90 s:\n{log_path.read_text()[-3000:]}")
-
+        entries = _wait_until_loaded(process, port, log_path)
         assert [e["name"] for e in entries] == ["calibri"]
         location = entries[0]["locationOrLoadError"]
         assert location["__typename"] == "RepositoryLocation", location
@@ -286,8 +293,10 @@ def test_dagster_dev_serves_the_definitions(tmp_path: Path, loopback_port: int) 
         assert "AWS" not in json.dumps(by_name)  # no credentials in resource config
     finally:
         pgid = process.pid
-        if _group_alive(pgid):
-            os.killpg(pgid, signal.SIGTERM)
+        # SIGTERM to dagster dev alone: it stops webserver, daemon and code server itself. Signalled
+        # too, the code server exits first and dagster dev restarts it, leaving one behind.
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -299,3 +308,174 @@ def test_dagster_dev_serves_the_definitions(tmp_path: Path, loopback_port: int) 
             os.killpg(pgid, signal.SIGKILL)
             time.sleep(1)
     assert not _group_alive(pgid), "dagster dev left processes behind"
+
+
+# -- calibri dev: stops on SIGINT and SIGTERM with everything it started -----------------------------
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, ppid, pgid, start time) of a process from /proc, or None when there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every process below ``root`` right now (from /proc)."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[1], []).append(int(entry.name))
+            starts[int(entry.name)] = stat[3]
+    found, todo = {}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def _running(pid: int, start: int) -> bool:
+    """Whether that process (same pid and start time, so not a reused pid) still runs; a zombie is dead."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[3] == start and stat[0] != "Z"
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    raise AssertionError(f"no SigIgn for {pid}")
+
+
+def _like_a_background_job() -> None:
+    # What `make dev &` or a non-interactive shell's `cmd &` hands its job: SIGINT ignored, own group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_and_check_tree(launcher: subprocess.Popen, sig: int, tree: dict[int, int], log_path: Path,
+                         timeout: float, expected_rc: int) -> None:
+    """Send ``sig`` to the launcher; it must exit with expected_rc within timeout and leave nothing running."""
+    t0 = time.monotonic()
+    os.kill(launcher.pid, sig)
+    try:
+        rc = launcher.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"launcher still running {timeout:g} s after {signal.Signals(sig).name}:\n{log_path.read_text()[-3000:]}")
+    assert rc == expected_rc, f"launcher exit code {rc}:\n{log_path.read_text()[-3000:]}"
+    deadline = time.monotonic() + 5
+    while (left := {p for p, start in tree.items() if _running(p, start)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running after the launcher exited: {left}\n{log_path.read_text()[-3000:]}"
+    print(f"{signal.Signals(sig).name}: launcher and {len(tree)} descendants gone in {time.monotonic() - t0:.1f} s")
+
+
+def _kill_leftovers(launcher: subprocess.Popen, tree: dict[int, int]) -> None:
+    for pid, start in [(launcher.pid, None), *tree.items()]:
+        if start is None or _running(pid, start):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    launcher.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("sig", "cli"), [(signal.SIGTERM, "dg"), (signal.SIGINT, "dagster")], ids=["SIGTERM-dg", "SIGINT-dagster"])
+def test_calibri_dev_stops_with_its_whole_tree(tmp_path: Path, loopback_port: int, sig: int, cli: str) -> None:
+    """`calibri dev` started like a background job (SIGINT ignored) serves the definitions, and one
+    SIGTERM or SIGINT to it stops the webserver, daemon and code servers cleanly (exit 0, no SIGKILL)."""
+    from calibri_pipeline.definitions import defs
+
+    env = _subprocess_env(tmp_path)
+    log_path = tmp_path / "calibri_dev.log"
+    with open(log_path, "wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "calibri_pipeline.cli", "dev", "--cli", cli, "--port", str(loopback_port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            process_group=0, preexec_fn=_like_a_background_job,
+        )
+    tree: dict[int, int] = {}
+    try:
+        entries = _wait_until_loaded(launcher, loopback_port, log_path)
+        assert [e["name"] for e in entries] == ["calibri"]
+        served = {tuple(node["assetKey"]["path"]) for node in _graphql(loopback_port, _DEFINITIONS)["assetNodes"]}
+        assert served == {tuple(key.path) for key in defs.resolve_asset_graph().get_all_asset_keys()}
+        assert (tmp_path / "calibri_home" / "dagster_home" / "dagster.yaml").is_file()  # the demo's instance layout
+
+        tree = _descendants(launcher.pid)
+        commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in tree}
+        module = {"dg": "dagster_dg_cli.cli", "dagster": "dagster"}[cli]
+        server = [pid for pid, cmd in commands.items() if f"-m {module} dev " in cmd]
+        assert len(server) == 1, commands
+        assert any("dagster_webserver" in cmd for cmd in commands.values()), commands
+        assert any("dagster._daemon" in cmd for cmd in commands.values()), commands
+        assert any("code-server" in cmd for cmd in commands.values()), commands
+        for pid in tree:  # the cause of the bug, gone: nothing below the launcher ignores SIGINT or SIGTERM
+            assert not _ignores(pid, signal.SIGINT) and not _ignores(pid, signal.SIGTERM), commands[pid]
+        assert {_proc_stat(pid)[2] for pid in tree} == {server[0]}  # one process group, led by the server
+
+        _stop_and_check_tree(launcher, sig, tree, log_path, timeout=40, expected_rc=0)
+        assert "outlived the server" not in log_path.read_text()  # nothing needed a SIGKILL
+    finally:
+        if launcher.poll() is None or any(_running(p, s) for p, s in tree.items()):
+            _kill_leftovers(launcher, tree)
+
+
+_STUBBORN = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # ignored signals stay ignored in the grandchild too
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    open(sys.argv[1], "w").close()
+    time.sleep(300)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("second_signal", [False, True], ids=["after-grace", "on-second-signal"])
+def test_launcher_kills_a_server_that_will_not_stop(tmp_path: Path, second_signal: bool) -> None:
+    """A server (and its child) that ignore SIGINT and SIGTERM are SIGKILLed after the grace period,
+    or at once on a second signal; the launcher then exits with 128 + 9."""
+    ready = tmp_path / "ready"
+    grace = 60 if second_signal else 1
+    code = (f"import sys; from calibri_pipeline.dev_server import supervise; "
+            f"sys.exit(supervise([sys.executable, '-c', {_STUBBORN!r}, {str(ready)!r}], grace={grace}))")
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "wb") as log:
+        launcher = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                    process_group=0, preexec_fn=_like_a_background_job)
+    tree: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        tree = _descendants(launcher.pid)
+        assert len(tree) == 2, tree  # the server and its child
+        if second_signal:
+            os.kill(launcher.pid, signal.SIGTERM)
+            time.sleep(0.5)
+            _stop_and_check_tree(launcher, signal.SIGINT, tree, log_path, timeout=10, expected_rc=128 + signal.SIGKILL)
+        else:
+            _stop_and_check_tree(launcher, signal.SIGTERM, tree, log_path, timeout=10, expected_rc=128 + signal.SIGKILL)
+    finally:
+        if launcher.poll() is None or any(_running(p, s) for p, s in tree.items()):
+            _kill_leftovers(launcher, tree)
+
+
+# -- dg ---------------------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_dg_check_defs(tmp_path: Path) -> None:
+    """`dg check defs` finds the project through [tool.dg] in pyproject.toml and loads its definitions."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster_dg_cli.cli", "check", "defs"],
+        cwd=REPO, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=110,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All definitions loaded successfully" in result.stdout + result.stderr
