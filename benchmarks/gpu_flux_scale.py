@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     latents = torch.randn(args.bucket, backbone.latent_channels(), *backbone.latent_size(), generator=gen).to(device)
     sync()
     t0 = time.perf_counter()
-    backbone._decode_batched(latents)
+    backbone.decode_images(latents)
     sync()
     decode_s = time.perf_counter() - t0
 

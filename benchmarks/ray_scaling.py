@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from calibri_pipeline.backbones.toy import load_toy_backbone
-    from calibri_pipeline.method.ensemble import EnsembleLayout
-    from calibri_pipeline.method.population import evaluate_population
-    from calibri_pipeline.method.ray_eval import RayPopulationEvaluator, connect_ray
+    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+    from calibri_pipeline.method.ray_eval import RayWorkerPool, connect_ray
     from calibri_pipeline.method.search import default_popsize
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.rewards.world import WorldScore
@@ -62,33 +62,32 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads_per_worker)  # the in-process reference gets what one worker gets
     backbone = load_toy_backbone()
     space = CalibrationSpace.from_transformer(backbone.transformer, args.granularity)
-    layout = EnsembleLayout(space.size, 1, cfg=backbone.uses_cfg)
-    population = args.population or default_popsize(layout.search_size)
-    x0 = layout.initial(None)
+    search = SearchSpace.for_model(space, 1, uses_cfg=backbone.uses_cfg)
+    population = args.population or default_popsize(search.dimension)
+    x0 = search.x0(backbone.default_guidance).to(torch.float64)
     g = torch.Generator().manual_seed(0)
     vectors = x0 + 0.25 * torch.randn(population, x0.numel(), generator=g, dtype=torch.float64)
     vectors[0] = x0
     prompts = make_splits(0, args.bucket, 0, 0)["train"]
     seeds = list(range(args.bucket))
     rewards = [WorldScore(), PixelMean()]
-    common = dict(steps=args.steps, guidance=backbone.default_guidance, n_models=1)
+    sampling = SamplingSettings(steps=args.steps, guidance=backbone.default_guidance)
 
     with tempfile.TemporaryDirectory(prefix="calibri-ray-bench-") as temp_dir:
         # 3 logical CPUs: both evaluators (1 + 2 workers) stay up; idle actors use no CPU
         connect_ray("local", num_cpus=3 * args.threads_per_worker, num_gpus=0, temp_dir=temp_dir)  # CPU replicas
         try:
             started = time.perf_counter()
-            evaluators = {
-                n: RayPopulationEvaluator(load_toy_backbone, n_workers=n, threads_per_worker=args.threads_per_worker)
-                for n in (1, 2)
-            }
+            pools = {n: RayWorkerPool(load_toy_backbone, n_workers=n, threads_per_worker=args.threads_per_worker)
+                     for n in (1, 2)}
             startup_s = time.perf_counter() - started
-
-            runs = {
-                "in_process": lambda: evaluate_population(backbone, space, vectors, prompts, seeds, rewards, **common),
-                "ray_1_worker": lambda: evaluators[1](None, space, vectors, prompts, seeds, rewards, **common),
-                "ray_2_workers": lambda: evaluators[2](None, space, vectors, prompts, seeds, rewards, **common),
+            evaluators = {
+                "in_process": LocalEvaluator(backbone, search, rewards, sampling),
+                "ray_1_worker": pools[1].evaluator(backbone, search, rewards, sampling),
+                "ray_2_workers": pools[2].evaluator(backbone, search, rewards, sampling),
             }
+            runs = {name: (lambda ev=ev: {k: torch.from_numpy(v) for k, v in ev(vectors, prompts, seeds).scores.items()})
+                    for name, ev in evaluators.items()}
             scores = {name: fn() for name, fn in runs.items()}  # warm-up: text cache, first allocations
             times: dict[str, list[float]] = {name: [] for name in runs}
             for _ in range(args.repeats):
@@ -96,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
                     t0 = time.perf_counter()
                     scores[name] = fn()
                     times[name].append(time.perf_counter() - t0)
-            for ev in evaluators.values():
-                ev.close()
+            for pool in pools.values():
+                pool.close()
         finally:
             ray.shutdown()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -89,3 +90,32 @@ def load_model(key: str, store: "ObjectStore | None" = None, device: str = "cpu"
     with _LOCK:
         _CACHE[cache_key] = backbone
     return backbone
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    """Builds the backbone of a model key inside a Ray worker (:func:`load_model`); picklable.
+
+    Carries only the key, the object-store URL (for checkpoint specs) and device/dtype names:
+    credentials are read from the worker's own environment, never shipped.
+    """
+
+    model: str
+    store_url: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __call__(self) -> "Backbone":
+        import torch
+
+        store = None
+        if self.store_url is not None:
+            from calibri_pipeline.storage.object_store import ObjectStore
+
+            store = ObjectStore(self.store_url)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda:"):
+            device = "cuda"  # Ray shows each actor only the GPU it was given
+        return load_model(self.model, store, device=device, dtype=self.dtype)

@@ -94,6 +94,10 @@ class MiniLMTextEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
+        # from_pretrained leaves the weights in unaligned mmap memory, where CPU kernels round differently
+        from calibri_pipeline.backbones.base import realign_cpu_weights
+
+        realign_cpu_weights([self.model])
         if self.model.config.hidden_size != HIDDEN_SIZE:
             raise ValueError(f"expected a {HIDDEN_SIZE}-d MiniLM, {path} has hidden size {self.model.config.hidden_size}")
         # text -> (states [L, D], mask [L], pooled [D]) on the CPU
@@ -105,6 +109,14 @@ class MiniLMTextEncoder:
     @property
     def hidden_size(self) -> int:
         return HIDDEN_SIZE
+
+    def identity(self) -> dict[str, object]:
+        """What determines this encoder's embeddings (for image caches)."""
+        from calibri_pipeline.backbones.base import weights_fingerprint
+
+        if not hasattr(self, "_fingerprint"):
+            self._fingerprint = weights_fingerprint(self.model)
+        return {"model": "minilm-l6", "max_length": self.max_length, "weights": self._fingerprint}
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -219,7 +219,8 @@ def _malformed_jsonl(world: World) -> None:
 
 def _reward_with(value: float) -> Callable[[World], None]:
     def run(world: World) -> None:
-        from calibri_pipeline.method.search import SearchConfig, calibrate
+        from calibri_pipeline.method.calibrate import calibrate
+        from calibri_pipeline.method.search import SearchConfig
         from calibri_pipeline.method.space import CalibrationSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt
@@ -327,7 +328,8 @@ def _sql_write_hidden_in_cte(world: World) -> None:
 
 def _warm_start(values: list[float]) -> Callable[[World], None]:
     def run(world: World) -> None:
-        from calibri_pipeline.method.search import SearchConfig, calibrate
+        from calibri_pipeline.method.calibrate import calibrate
+        from calibri_pipeline.method.search import SearchConfig
         from calibri_pipeline.method.space import CalibrationSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt

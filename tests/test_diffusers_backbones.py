@@ -196,8 +196,16 @@ def test_cfg_ensemble(backbones, arch):
     uncond_scaled[space.size: 2 * space.size] = 0.5
     changed = _gen(bb, PROMPTS[:1], [4], space=space, vectors=uncond_scaled, n_models=2)
     assert (changed - base).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="n_models=1 .guided. or 2"):
-        _gen(bb, PROMPTS[:1], [4], space=space, vectors=torch.ones(space.search_size(3)), n_models=3)
+    # a third member is another conditional pass that starts at weight 0: x0 is still standard CFG,
+    # and with some blocks at 0 it is skip-layer guidance (weights g + s, 1 - g, -s)
+    x0_3 = _layout(bb, space, 3).initial(bb.default_guidance)
+    torch.testing.assert_close(_gen(bb, PROMPTS[:1], [4], space=space, vectors=x0_3, n_models=3), base,
+                               atol=2e-5, rtol=0)  # a third pass enlarges the batch: equal up to rounding
+    slg = x0_3.clone()
+    slg[2 * space.size: 2 * space.size + 4] = 0.0  # the first block's gates skipped in member 3
+    g = bb.default_guidance
+    slg[-3:] = torch.tensor([g + 1.5, 1.0 - g, -1.5], dtype=slg.dtype)
+    assert (_gen(bb, PROMPTS[:1], [4], space=space, vectors=slg, n_models=3) - base).abs().max() > 1e-3
 
 
 def test_flux_ensemble_and_guidance_embedding(backbones):

@@ -30,8 +30,10 @@ def test_layout_sizes_split_join_initial_bounds():
         layout.split(torch.ones(2, 7))
     with pytest.raises(ValueError, match="guidance"):
         layout.initial()
-    with pytest.raises(ValueError, match="n_models=3"):
-        EnsembleLayout(3, 3, cfg=True)
+    # a CFG layout with 3 members: the extra conditional member starts at weight 0 (skip-layer guidance)
+    wide = EnsembleLayout(3, 3, cfg=True)
+    assert wide.mode == "cfg" and wide.member_kinds() == ["cond", "uncond", "cond"]
+    assert wide.initial(4.0).tolist()[-3:] == [4.0, -3.0, 0.0]
     with pytest.raises(ValueError, match="low < high"):
         layout.bounds((2.0, -1.0))
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
 from calibri_pipeline.method.population import (
+    LocalEvaluator,
+    SamplingSettings,
     estimate_image_memory_mb,
     evaluate_population,
     evaluate_population_loop,
@@ -21,6 +23,11 @@ from calibri_pipeline.method.search import SearchConfig, make_bucket, validation
 from calibri_pipeline.method.space import CalibrationSpace
 from calibri_pipeline.method.state_store import MemoryStateStore
 from calibri_pipeline.prompts.base import Prompt
+
+#: images are quantised to 8 bits before they are scored, so a ~1e-7 difference between batch
+#: compositions (other kernels) can flip one pixel's rounding: 1/255 over an 8x8 image moves a
+#: mean-abs score by ~2e-5. Comparisons across batch shapes allow a few such steps.
+SCORE_ATOL = 1e-4
 
 WORDS = ["red", "green", "blue", "yellow", "cube", "ball", "star", "ring", "small", "big", "left", "right"]
 
@@ -105,7 +112,7 @@ def test_batched_population_equals_per_candidate_loop(backbone, granularity, n_m
     batched = evaluate_population(backbone, space, vectors, prompts, seeds, ColourMatch(), **kw)
     loop = evaluate_population_loop(backbone, space, vectors, prompts, seeds, ColourMatch(), **kw)
     assert batched.shape == loop.shape == (5, 3)
-    torch.testing.assert_close(batched, loop, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, loop, atol=SCORE_ATOL, rtol=0)
     # candidates really differ (the test would be vacuous otherwise)
     assert batched.std(dim=0).min() > 1e-3
 
@@ -143,7 +150,7 @@ def test_multiple_rewards_chunking_and_memory_budget(backbone):
     # 12 images in chunks of 7 + 5, forwards of <= 5 images (x2 passes for CFG)
     assert max(batch_sizes) == 10 and sorted(set(batch_sizes)) == [4, 10]
     for name in ref:
-        torch.testing.assert_close(budgeted[name], ref[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(budgeted[name], ref[name], atol=SCORE_ATOL, rtol=0)
 
 
 def test_bad_inputs_are_rejected(backbone):
@@ -164,12 +171,17 @@ def test_bad_inputs_are_rejected(backbone):
 def test_reward_objective_combines_rewards_with_signs(backbone):
     space = CalibrationSpace.from_transformer(backbone.transformer, "block")
     train, val = make_prompts(6, "train"), make_prompts(2, "val", 100)
+    search = SearchSpace.for_model(space, 1, uses_cfg=True)
+
+    def evaluator(rewards):
+        return LocalEvaluator(backbone, search, rewards, SamplingSettings(steps=2, guidance=2.5))
+
     with pytest.raises(ValueError, match="reward_weights"):
-        RewardObjective(backbone, space, train, val, [ColourMatch(), Contrast()], val_seeds=[1, 2])
+        RewardObjective(evaluator([ColourMatch(), Contrast()]), train, val, val_seeds=[1, 2])
     with pytest.raises(ValueError, match="unknown rewards"):
-        RewardObjective(backbone, space, train, val, [ColourMatch()], reward_weights={"hps": 1.0}, val_seeds=[1, 2])
-    obj = RewardObjective(backbone, space, train, val, [ColourMatch(), Contrast()],
-                          reward_weights={"colour_match": 1.0, "contrast": 0.5}, steps=2, guidance=2.5, val_seeds=[1, 2])
+        RewardObjective(evaluator([ColourMatch()]), train, val, reward_weights={"hps": 1.0}, val_seeds=[1, 2])
+    obj = RewardObjective(evaluator([ColourMatch(), Contrast()]), train, val,
+                          reward_weights={"colour_match": 1.0, "contrast": 0.5}, val_seeds=[1, 2])
     vectors = random_vectors(space, 1, 3, 2.5).numpy().astype(np.float64)
     bucket = make_bucket(0, 0, 6, 4)
     scores = obj.train(vectors, bucket)

@@ -43,11 +43,18 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
+
+from calibri_pipeline.backbones.base import (
+    SamplingBackbone,
+    positive_int,
+    realign_cpu_weights,
+    seeded_noise,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     from calibri_pipeline.method.space import CalibrationSpace
@@ -151,107 +158,6 @@ def scheduler_shift(config: Mapping[str, Any], image_seq_len: int, max_shift_def
     return float(config.get("shift", 1.0))
 
 
-def prompt_texts(prompts: Sequence["Prompt | str"]) -> list[str]:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of Prompt records (or strings), not a single string")
-    texts = []
-    for p in prompts:
-        if isinstance(p, str):
-            texts.append(p)
-        elif isinstance(getattr(p, "text", None), str):
-            texts.append(p.text)
-        else:
-            raise TypeError(f"each prompt must be a Prompt or a str, got {type(p).__name__}")
-    return texts
-
-
-def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
-    seeds = list(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"got {len(seeds)} seeds for {n} prompts: pass one seed per prompt")
-    out = []
-    for s in seeds:
-        if isinstance(s, bool) or not hasattr(s, "__index__"):
-            raise TypeError(f"seeds must be ints, got {s!r}")
-        s = int(s)
-        if not 0 <= s < 2**63:
-            raise ValueError(f"seeds must be in [0, 2**63), got {s}")
-        out.append(s)
-    return out
-
-
-def check_vectors(vectors: Any, space: "CalibrationSpace | None", n_models: int, n: int) -> torch.Tensor | None:
-    """``[search_size]`` or ``[N, search_size]`` Calibri vectors -> float32 ``[N, search_size]`` (or None)."""
-    if vectors is None:
-        return None
-    if space is None:
-        raise ValueError("calibrated generation needs `space` (the CalibrationSpace the vectors index)")
-    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
-        raise ValueError(f"n_models must be a positive int, got {n_models!r}")
-    try:
-        vec = torch.as_tensor(vectors, dtype=torch.float32).cpu()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"vectors must be a tensor or nested sequence of numbers: {exc}") from None
-    expected = space.search_size(n_models)
-    if vec.ndim == 1:
-        vec = vec.unsqueeze(0).expand(n, -1)
-    if vec.ndim != 2 or vec.shape[1] != expected:
-        raise ValueError(
-            f"vectors must be [{expected}] or [N, {expected}] (space.search_size({n_models})), got {tuple(vec.shape)}"
-        )
-    if vec.shape[0] != n:
-        raise ValueError(f"got {vec.shape[0]} Calibri vectors for {n} prompts")
-    if not torch.isfinite(vec).all():
-        raise ValueError("Calibri vectors contain NaN or inf")
-    return vec
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-#: bytes: PyTorch's CPU allocator aligns every fresh tensor to this (one AVX-512 register)
-CPU_ALIGNMENT = 64
-
-
-def _misplaced(t: torch.Tensor) -> bool:
-    """A plain CPU tensor whose memory a fresh allocation would not give: unaligned or not contiguous."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() > 0
-            and (t.data_ptr() % CPU_ALIGNMENT != 0 or not t.is_contiguous()))
-
-
-def realign_cpu_weights(modules: Iterable[torch.nn.Module]) -> int:
-    """Copy every CPU parameter and buffer of ``modules`` that is unaligned or strided into fresh memory.
-
-    Values do not change (a copy) and parameters stay the same ``Parameter`` objects (only ``.data`` is
-    replaced), so hooks and calibration spaces that hold them keep working; GPU tensors and tensor
-    subclasses (quantised weights) are left alone. Returns how many tensors were copied.
-    """
-    # mmap-ed safetensors weights are not 64-byte aligned, and CPU GEMM/SDPA kernels round differently on them
-    copied = 0
-    seen: set[int] = set()
-    for component in modules:
-        for param in component.parameters():
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            if _misplaced(param.data):
-                param.data = param.data.clone(memory_format=torch.contiguous_format)
-                copied += 1
-        copies: dict[int, torch.Tensor] = {}  # one copy per buffer: a buffer shared by modules stays shared
-        for module in component.modules():
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if id(buffer) not in copies:
-                    if not _misplaced(buffer):
-                        continue
-                    copies[id(buffer)] = buffer.clone(memory_format=torch.contiguous_format)
-                setattr(module, name, copies[id(buffer)])
-        copied += len(copies)
-    return copied
-
-
 # --------------------------------------------------------------------------------------------
 # LoRA: merged into the weights, so the calibration space sees plain nn.Linear projections
 # --------------------------------------------------------------------------------------------
@@ -318,7 +224,7 @@ def _looks_like_path(text: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class DiffusersBackbone:
+class DiffusersBackbone(SamplingBackbone):
     """A diffusers text-to-image DiT as a :class:`~calibri_pipeline.backbones.base.Backbone`.
 
     Build one with :meth:`from_pipeline` (a pipeline object you hold) or :meth:`from_pretrained`
@@ -365,16 +271,16 @@ class DiffusersBackbone:
         self.pipeline = pipeline
         self.name = name or self.arch
         steps = self.defaults.steps if default_steps is None else default_steps
-        self.default_steps = _positive_int("default_steps", steps)
+        self.default_steps = positive_int("default_steps", steps)
         guidance = self.defaults.guidance if default_guidance is None else float(default_guidance)
         if not math.isfinite(guidance):
             raise ValueError(f"default_guidance must be finite, got {default_guidance!r}")
         self.default_guidance: float | None = guidance
         text_length = self.defaults.max_sequence_length if max_sequence_length is None else max_sequence_length
-        self.max_sequence_length = _positive_int("max_sequence_length", text_length)
-        self.default_max_batch = _positive_int("default_max_batch", default_max_batch)
-        self.vae_batch = _positive_int("vae_batch", vae_batch)
-        self.prompt_cache_size = _positive_int("prompt_cache_size", prompt_cache_size)
+        self.max_sequence_length = positive_int("max_sequence_length", text_length)
+        self.default_max_batch = positive_int("default_max_batch", default_max_batch)
+        self.vae_batch = positive_int("vae_batch", vae_batch)
+        self.prompt_cache_size = positive_int("prompt_cache_size", prompt_cache_size)
         self.transformer = pipeline.transformer
         self.resolution = self._check_resolution(self.defaults.resolution if resolution is None else resolution)
         dtype = parse_dtype(dtype)
@@ -500,18 +406,13 @@ class DiffusersBackbone:
                 "and its component folders)"
             ) from exc
         options.setdefault("name", Path(source).name)  # folder name, or the name part of owner/name
-        return cls.from_pipeline(pipeline, arch=arch, lora=lora, lora_scale=lora_scale,
-                                 lora_weight_name=lora_weight_name, device=device, **options)
+        backbone = cls.from_pipeline(pipeline, arch=arch, lora=lora, lora_scale=lora_scale,
+                                     lora_weight_name=lora_weight_name, device=device, **options)
+        backbone.source = {"source": source, "revision": revision, "variant": variant,
+                           "lora": None if lora is None or isinstance(lora, Mapping) else str(lora), "lora_scale": lora_scale}
+        return backbone
 
     # -- properties ------------------------------------------------------------------------------
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -522,7 +423,7 @@ class DiffusersBackbone:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def image_seq_len(self, resolution: tuple[int, int] | None = None) -> int:
-        h, w = self.latent_size(resolution)
+        h, w = self.latent_size(resolution or self.resolution)
         return (h // self.token_patch) * (w // self.token_patch)
 
     def sigma_shift(self, resolution: tuple[int, int] | None = None) -> float:
@@ -626,12 +527,7 @@ class DiffusersBackbone:
 
     def initial_noise(self, seeds: Sequence[int], resolution: tuple[int, int] | None = None) -> torch.Tensor:
         """Unpacked latent noise ``[N, C, h, w]``: one float32 draw per seed from its own CPU generator."""
-        h, w = self.latent_size(resolution)
-        c = self.latent_channels()
-        out = torch.empty(len(seeds), c, h, w)
-        for i, seed in enumerate(seeds):
-            out[i] = torch.randn(c, h, w, generator=torch.Generator().manual_seed(int(seed)))
-        return out
+        return seeded_noise(seeds, (self.latent_channels(), *self.latent_size(resolution)))
 
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return pack_2x2(latents)
@@ -645,7 +541,7 @@ class DiffusersBackbone:
         raise NotImplementedError
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int]) -> torch.Tensor:
+                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
         """The raw transformer velocity for packed latents ``x`` at noise levels ``sigma`` ``[M]``."""
         raise NotImplementedError
 
@@ -653,7 +549,7 @@ class DiffusersBackbone:
         """Unpacked latents ``[N, C, h, w]`` -> images ``[N, 3, H, W]`` in ``[-1, 1]`` (VAE dtype)."""
         raise NotImplementedError
 
-    def _conditioning(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    def conditioning(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Batched ``cond`` for ``texts`` and the negative prompt's ``uncond`` (batch 1; None without CFG).
 
         Both come from one collation, so variable-length text (Qwen-Image) shares one padding length.
@@ -665,78 +561,31 @@ class DiffusersBackbone:
         uncond = {k: v[n:] for k, v in batch.items()} if self.uses_cfg else None
         return cond, uncond
 
-    def _velocity_wrapper(self, velocity):
+    def wrap_velocity(self, velocity):
         return velocity
 
-    # -- sampling --------------------------------------------------------------------------------
+    # -- sampling (the loop is SamplingBackbone.sample) --------------------------------------------
 
-    def generate(
-        self,
-        prompts: Sequence["Prompt | str"],
-        seeds: Sequence[int],
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        space: "CalibrationSpace | None" = None,
-        vectors: torch.Tensor | None = None,
-        n_models: int = 1,
-        max_batch: int | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """Images ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU (see the Backbone protocol)."""
-        from calibri_pipeline.method.ensemble import SearchSpace
-        from calibri_pipeline.method.sampler import euler_sample, make_velocity_fn
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, *self.resolution)
 
-        texts = prompt_texts(prompts)
-        seeds = check_seeds(seeds, len(texts))
-        steps = self.default_steps if steps is None else steps
-        _positive_int("steps", steps)
-        guidance = self.default_guidance if guidance is None else guidance
-        if guidance is None or not math.isfinite(float(guidance)):
-            raise ValueError(f"guidance must be a finite float, got {guidance!r}")
-        guidance = float(guidance)
-        max_batch = _positive_int("max_batch", self.default_max_batch if max_batch is None else max_batch)
-        vectors = check_vectors(vectors, space, n_models, len(texts))
+    def identity(self) -> dict[str, Any]:
+        if getattr(self, "_identity", None) is None:
+            self._identity = {
+                "arch": self.arch, "source": getattr(self, "source", None),
+                "transformer": weights_fingerprint(self.transformer), "vae": weights_fingerprint(self.vae),
+                "text_encoders": [weights_fingerprint(m) for m in self._text_encoders()],
+                "dtype": str(self.dtype), "device": self.device.type, "resolution": list(self.resolution),
+                "max_sequence_length": self.max_sequence_length, "shift": self.sigma_shift(),
+                "negative_prompt": self.negative_prompt, **self._identity_extra(),
+            }
+        return self._identity
 
-        height, width = self.resolution
-        n = len(texts)
-        if n == 0:
-            return torch.zeros(0, 3, height, width)
-        noise = self.initial_noise(seeds)
-        shift = self.sigma_shift()
-        model_fn = partial(self.model_fn, guidance=guidance, resolution=self.resolution)
-        out = torch.empty(n, 3, height, width)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n * steps, desc=f"{self.name} {steps} steps", unit="img-step")
-        try:
-            for start in range(0, n, max_batch):
-                stop = min(start + max_batch, n)
-                cond, uncond = self._conditioning(texts[start:stop])
-                velocity = make_velocity_fn(
-                    model_fn,
-                    cond,
-                    uncond,
-                    guidance if self.uses_cfg else None,
-                    search=SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg) if vectors is not None else None,
-                    transformer=self.transformer if vectors is not None else None,
-                    vectors=vectors[start:stop] if vectors is not None else None,
-                )
-                velocity = self._velocity_wrapper(velocity)
-                callback = (lambda i, x, _c=stop - start: bar.update(_c)) if bar is not None else None
-                x = self.pack(noise[start:stop].to(self.device))  # float32 state; model_fn casts
-                with torch.no_grad():
-                    x0 = euler_sample(velocity, x, steps, shift=shift, callback=callback)
-                    out[start:stop] = self._decode_batched(self.unpack(x0))
-        finally:
-            if bar is not None:
-                bar.close()
-        return out
+    def _identity_extra(self) -> dict[str, Any]:
+        return {}
 
     @torch.no_grad()
-    def _decode_batched(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         images = []
         for start in range(0, latents.shape[0], self.vae_batch):
             decoded = self.decode(latents[start:start + self.vae_batch])
@@ -792,9 +641,9 @@ class FluxBackbone(DiffusersBackbone):
         return {"states": states, "pooled": pooled}
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int]) -> torch.Tensor:
+                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
         dtype = self.dtype
-        h, w = self.latent_size(resolution)
+        h, w = self.latent_size(resolution or self.resolution)
         distilled = bool(self.transformer.config.guidance_embeds)
         out = self.transformer(
             hidden_states=x.to(dtype),
@@ -849,7 +698,7 @@ class SD3Backbone(DiffusersBackbone):
         return {"states": states, "pooled": pooled}
 
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int]) -> torch.Tensor:
+                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
         dtype = self.dtype
         out = self.transformer(
             hidden_states=x.to(dtype),
@@ -885,11 +734,14 @@ class _ConditionalNorm:
         def rescaled(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             self.velocity = None
             v = velocity(x, sigma)
-            if self.velocity is None or self.velocity.shape != v.shape:
+            if self.velocity is None or self.velocity.shape[1:] != v.shape[1:]:
                 raise RuntimeError(
                     "the conditional velocity of this step was not recorded (one conditional pass per image expected)"
                 )
-            v_cond, self.velocity = self.velocity, None
+            # several conditional members (skip-layer guidance): the first block of rows is member 1's
+            if self.velocity.shape[0] % v.shape[0]:
+                raise RuntimeError("the conditional velocity of this step does not match the batch")
+            v_cond, self.velocity = self.velocity[: v.shape[0]], None
             # the stock pipeline: comb * ||cond|| / ||comb||, norms over channels of each token
             return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
 
@@ -936,8 +788,8 @@ class QwenImageBackbone(DiffusersBackbone):
             masks.append(torch.nn.functional.pad(item["mask"], (0, pad)))
         return {"states": torch.cat(states), "mask": torch.cat(masks)}
 
-    def _conditioning(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        cond, uncond = super()._conditioning(texts)
+    def conditioning(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        cond, uncond = super().conditioning(texts)
         if self.cfg_renorm:
             # flag the conditional rows, so model_fn can keep their velocity for the rescaling
             device = cond["states"].device
@@ -945,13 +797,16 @@ class QwenImageBackbone(DiffusersBackbone):
             uncond["is_cond"] = torch.zeros(1, device=device)
         return cond, uncond
 
-    def _velocity_wrapper(self, velocity):
+    def wrap_velocity(self, velocity):
         return self._conditional.wrap(velocity) if self.cfg_renorm else velocity
 
+    def _identity_extra(self) -> dict[str, Any]:
+        return {"cfg_renorm": self.cfg_renorm}
+
     def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int]) -> torch.Tensor:
+                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
         dtype = self.dtype
-        h, w = self.latent_size(resolution)
+        h, w = self.latent_size(resolution or self.resolution)
         mask = cond["mask"]
         out = self.transformer(
             hidden_states=x.to(dtype),

@@ -15,12 +15,13 @@ loads it, it never trains (``calibri train-toy`` does).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
+
+from calibri_pipeline.backbones.base import SamplingBackbone, seeded_noise, weights_fingerprint
 
 if TYPE_CHECKING:
     from calibri_pipeline.method.space import CalibrationSpace
@@ -204,8 +205,8 @@ class ToySamplingDefaults:
     shift: float = 1.0
 
 
-class ToyBackbone:
-    """The embedded default: implements :class:`calibri_pipeline.backbones.base.Backbone`."""
+class ToyBackbone(SamplingBackbone):
+    """The embedded default: the parts of :class:`~calibri_pipeline.backbones.base.SamplingBackbone`."""
 
     name = "toy"
     uses_cfg = True
@@ -224,16 +225,16 @@ class ToyBackbone:
     ) -> None:
         if not isinstance(default_steps, int) or default_steps < 1:
             raise ValueError(f"default_steps must be a positive int, got {default_steps!r}")
-        self.transformer = transformer.eval()
+        self.transformer = transformer.to(torch.device(device)).eval()
         self.transformer.requires_grad_(False)
         self.config = config
-        self.device = torch.device(device)
         self.default_steps = default_steps
         self.default_guidance = float(default_guidance)
         self.shift = float(shift)
         self.default_max_batch = int(default_max_batch)
         self._text_encoder = text_encoder
         self.image_size = config.image_size
+        self._fingerprint: str | None = None
 
     @property
     def text_encoder(self) -> "MiniLMTextEncoder":
@@ -243,143 +244,40 @@ class ToyBackbone:
             self._text_encoder = MiniLMTextEncoder(max_length=self.config.text_max_length)
         return self._text_encoder
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+    def identity(self) -> dict[str, Any]:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.transformer)
+        return {"kind": "toy", "config": self.config.to_dict(), "weights": self._fingerprint,
+                "text_encoder": self.text_encoder.identity(), "dtype": str(self.dtype),
+                "device": self.device.type, "shift": self.shift}
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The raw transformer call in the shape :func:`make_velocity_fn` expects."""
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.config.image_size, self.config.image_size)
+
+    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
+                 guidance: float | None = None) -> torch.Tensor:
+        """The raw transformer call (guidance is real two-pass CFG here, not an input)."""
         return toy_forward(self.transformer, self.config, x, sigma, cond["states"], cond["pooled"])
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         emb = self.text_encoder.encode(texts, device=self.device)
         return {"states": emb.states, "pooled": emb.pooled}
 
+    def prepare_texts(self, texts: Sequence[str]) -> None:
+        self.text_encoder.precompute(dict.fromkeys(list(texts) + [""]))
+
+    def conditioning(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return self.encode(texts), self.encode([""])
+
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """One ``[3, H, W]`` standard normal draw per seed, each from its own generator (CPU, float32)."""
-        s = self.config.image_size
-        out = torch.empty(len(seeds), 3, s, s)
-        for i, seed in enumerate(seeds):
-            gen = torch.Generator().manual_seed(int(seed))
-            out[i] = torch.randn(3, s, s, generator=gen)
-        return out
+        return seeded_noise(seeds, self.image_shape())
 
-    def generate(
-        self,
-        prompts: Sequence["Prompt | str"],
-        seeds: Sequence[int],
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        space: "CalibrationSpace | None" = None,
-        vectors: torch.Tensor | None = None,
-        n_models: int = 1,
-        max_batch: int | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        from calibri_pipeline.method.ensemble import SearchSpace
-        from calibri_pipeline.method.sampler import euler_sample, make_velocity_fn
+    def sigma_shift(self) -> float:
+        return self.shift
 
-        texts = _prompt_texts(prompts)
-        seeds = _check_seeds(seeds, len(texts))
-        steps = self.default_steps if steps is None else steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        guidance = self.default_guidance if guidance is None else float(guidance)
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite float, got {guidance!r}")
-        max_batch = self.default_max_batch if max_batch is None else max_batch
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-        vectors = self._check_vectors(vectors, space, n_models, len(texts))
-
-        n = len(texts)
-        s = self.config.image_size
-        if n == 0:
-            return torch.zeros(0, 3, s, s)
-        noise = self.initial_noise(seeds)
-        self.text_encoder.precompute(dict.fromkeys(texts + [""]))
-        uncond = self.encode([""])
-        out = torch.empty(n, 3, s, s)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n * steps, desc=f"toy {steps} steps", unit="img-step")
-        for start in range(0, n, max_batch):
-            stop = min(start + max_batch, n)
-            cond = self.encode(texts[start:stop])
-            velocity = make_velocity_fn(
-                self.model_fn,
-                cond,
-                uncond,
-                guidance,
-                search=SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg) if vectors is not None else None,
-                transformer=self.transformer if vectors is not None else None,
-                vectors=vectors[start:stop] if vectors is not None else None,
-            )
-            chunk = stop - start
-            callback = (lambda i, x, _c=chunk: bar.update(_c)) if bar is not None else None
-            with torch.no_grad():
-                x0 = euler_sample(
-                    velocity,
-                    noise[start:stop].to(self.device, self.dtype),
-                    steps,
-                    shift=self.shift,
-                    callback=callback,
-                )
-            out[start:stop] = ((x0.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
-        if bar is not None:
-            bar.close()
-        return out
-
-    def _check_vectors(
-        self, vectors: torch.Tensor | None, space: "CalibrationSpace | None", n_models: int, n: int
-    ) -> torch.Tensor | None:
-        if vectors is None:
-            return None
-        if space is None:
-            raise ValueError("calibrated generation needs `space` (the CalibrationSpace the vectors index)")
-        if not isinstance(n_models, int) or n_models < 1:
-            raise ValueError(f"n_models must be a positive int, got {n_models!r}")
-        vec = torch.as_tensor(vectors, dtype=torch.float32)
-        expected = space.search_size(n_models)
-        if vec.ndim == 1:
-            vec = vec.unsqueeze(0).expand(n, -1)
-        if vec.ndim != 2 or vec.shape[1] != expected:
-            raise ValueError(
-                f"vectors must be [{expected}] or [N, {expected}] (space.search_size({n_models})), "
-                f"got {tuple(torch.as_tensor(vectors).shape)}"
-            )
-        if vec.shape[0] != n:
-            raise ValueError(f"got {vec.shape[0]} Calibri vectors for {n} prompts")
-        if not torch.isfinite(vec).all():
-            raise ValueError("Calibri vectors contain NaN or inf")
-        return vec
-
-
-def _prompt_texts(prompts: Sequence["Prompt | str"]) -> list[str]:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of Prompt records (or strings), not a single string")
-    texts = []
-    for p in prompts:
-        if isinstance(p, str):
-            texts.append(p)
-        elif hasattr(p, "text") and isinstance(p.text, str):
-            texts.append(p.text)
-        else:
-            raise TypeError(f"each prompt must be a Prompt or a str, got {type(p).__name__}")
-    return texts
-
-
-def _check_seeds(seeds: Sequence[int], n: int) -> list[int]:
-    seeds = list(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"got {len(seeds)} seeds for {n} prompts: pass one seed per prompt")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) and not (hasattr(s, "__index__")):
-            raise TypeError(f"seeds must be ints, got {s!r}")
-    return [int(s) for s in seeds]
+    def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- checkpoint I/O

@@ -8,8 +8,8 @@
   unmodified model, at some step count) on the same cells, with intervals and paired differences to a
   reference; the NFE study is reward vs number of steps, one line per label (Fig. 6).
 
-Every analysis is one big population through
-:func:`calibri_pipeline.method.population.evaluate_population`. Plots use matplotlib's Agg canvas
+Every analysis takes a :class:`~calibri_pipeline.method.population.PopulationEvaluator` (backbone,
+search space, rewards, sampling settings, image cache) and scores one big population through it. Plots use matplotlib's Agg canvas
 directly (no pyplot, no global backend change) and come back as PNG bytes.
 """
 
@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from calibri_pipeline.method.population import as_reward_list, evaluate_population
 from calibri_pipeline.method.stats import bootstrap_ci, paired_difference_ci
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.population import PopulationEvaluator
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
-    from calibri_pipeline.rewards.base import Reward
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)  # the paper repeats every configuration with 5 seeds
@@ -82,11 +81,6 @@ def _cells(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> tuple[list["Pro
     return cell_prompts, cell_seeds, cells
 
 
-def _identity_vector(space: "CalibrationSpace") -> torch.Tensor:
-    """One model, all-ones coefficients, weight 1: the unmodified model (guided as usual under CFG)."""
-    return torch.ones(space.search_size(1), dtype=torch.float32)
-
-
 def infer_n_models(space: "CalibrationSpace", vector: Any) -> int:
     """The ensemble size a search vector was made for (``len = n * (size + 1)``)."""
     length = int(torch.as_tensor(np.asarray(vector) if not isinstance(vector, torch.Tensor) else vector).numel())
@@ -99,17 +93,13 @@ def infer_n_models(space: "CalibrationSpace", vector: Any) -> int:
     return n
 
 
-def _score_matrix(
-    backbone: "Backbone",
-    space: "CalibrationSpace | None",
-    vectors: torch.Tensor | None,
-    prompts: list["Prompt"],
-    seeds: list[int],
-    rewards: list["Reward"],
-    **kwargs: Any,
-) -> dict[str, np.ndarray]:
-    out = evaluate_population(backbone, space, vectors, prompts, seeds, rewards, **kwargs)
-    return {name: s.to(torch.float64).numpy() for name, s in out.items()}
+def _one_model_block_search(evaluator: "PopulationEvaluator", what: str) -> "SearchSpace":
+    search = evaluator.search
+    if search is None or search.n_models != 1:
+        raise ValueError(f"{what} needs an evaluator over one model's coefficients (SearchSpace with n_models=1)")
+    if len(evaluator.rewards) != 1:
+        raise ValueError(f"{what} takes one reward")
+    return search
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,37 +108,31 @@ def _score_matrix(
 
 
 def block_ablation(
-    backbone: "Backbone",
-    space: "CalibrationSpace",
+    evaluator: "PopulationEvaluator",
     prompts: Sequence["Prompt"],
-    reward: "Reward",
     *,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    steps: int | None = None,
-    guidance: float | None = None,
     n_boot: int = 2000,
     level: float = 0.95,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    chunk_images: int | None = None,
     bootstrap_seed: int = 0,
+    label: str = "block ablation",
 ) -> AnalysisResult:
     """Bypass each coefficient's branches in turn (coefficient 0) and measure the reward change.
 
-    Table columns: ``name, index, baseline_mean, ablated_mean, delta, delta_low, delta_high,
-    n_cells``; ``delta`` is ablated - baseline, its interval a paired bootstrap over prompt x seed cells.
+    ``evaluator``: one model's coefficients (its search space, usually at block granularity), one
+    reward and the sampling settings. Table columns: ``name, index, baseline_mean, ablated_mean,
+    delta, delta_low, delta_high, n_cells``; ``delta`` is ablated - baseline, its interval a paired
+    bootstrap over prompt x seed cells.
     """
-    rewards = as_reward_list(reward)
-    if len(rewards) != 1:
-        raise ValueError("block_ablation takes one reward")
-    name = rewards[0].name
+    search = _one_model_block_search(evaluator, "block_ablation")
+    space = search.space
+    name = evaluator.rewards[0].name
     cell_prompts, cell_seeds, cells = _cells(prompts, seeds)
-    base = _identity_vector(space)
+    base = search.x0(evaluator.sampling.guidance).to(torch.float32)
     population = base.repeat(space.size + 1, 1)
     for k in range(space.size):
         population[k + 1, k] = 0.0
-    scores = _score_matrix(backbone, space, population, cell_prompts, cell_seeds, rewards, steps=steps, guidance=guidance,
-                           n_models=1, max_batch=max_batch, memory_budget_mb=memory_budget_mb, chunk_images=chunk_images)[name]
+    scores = evaluator(population, cell_prompts, cell_seeds, label=label).scores[name]
     rows = []
     for k in range(space.size):
         diff = paired_difference_ci(scores[k + 1], scores[0], n_boot=n_boot, level=level, seed=bootstrap_seed)
@@ -169,48 +153,41 @@ def block_ablation(
         pl.DataFrame(rows),
         {name: scores},
         cells,
-        {"reward": name, "steps": steps, "guidance": guidance, "granularity": space.granularity, "level": level,
+        {"reward": name, "steps": evaluator.sampling.steps, "guidance": evaluator.sampling.guidance,
+         "granularity": space.granularity, "level": level,
          "title": f"{name}: change when each {space.granularity} is bypassed ({int(level * 100)}% CI)"},
     )
 
 
 def scale_sweep(
-    backbone: "Backbone",
-    space: "CalibrationSpace",
+    evaluator: "PopulationEvaluator",
     prompts: Sequence["Prompt"],
-    reward: "Reward",
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    steps: int | None = None,
-    guidance: float | None = None,
     n_boot: int = 2000,
     level: float = 0.95,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    chunk_images: int | None = None,
     bootstrap_seed: int = 0,
+    label: str = "scale sweep",
 ) -> AnalysisResult:
     """Scale each coefficient to every ``alpha`` (the others stay 1): one population of size x alphas.
 
     Table columns: ``name, index, alpha, mean, delta, delta_low, delta_high, n_cells`` (delta vs the
     unmodified model, paired over cells; alpha = 1 *is* the unmodified model, delta 0).
     """
-    rewards = as_reward_list(reward)
-    if len(rewards) != 1:
-        raise ValueError("scale_sweep takes one reward")
-    name = rewards[0].name
+    search = _one_model_block_search(evaluator, "scale_sweep")
+    space = search.space
+    name = evaluator.rewards[0].name
     alphas = [float(a) for a in alphas]
     if not alphas or len(set(alphas)) != len(alphas) or not all(np.isfinite(alphas)):
         raise ValueError(f"alphas must be distinct finite numbers, got {alphas}")
     cell_prompts, cell_seeds, cells = _cells(prompts, seeds)
-    base = _identity_vector(space)
+    base = search.x0(evaluator.sampling.guidance).to(torch.float32)
     grid = [(k, a) for k in range(space.size) for a in alphas if a != 1.0]
     population = base.repeat(len(grid) + 1, 1)
     for row, (k, a) in enumerate(grid, start=1):
         population[row, k] = a
-    scores = _score_matrix(backbone, space, population, cell_prompts, cell_seeds, rewards, steps=steps, guidance=guidance,
-                           n_models=1, max_batch=max_batch, memory_budget_mb=memory_budget_mb, chunk_images=chunk_images)[name]
+    scores = evaluator(population, cell_prompts, cell_seeds, label=label).scores[name]
     row_of = {key: i for i, key in enumerate(grid, start=1)}
     rows = []
     for k in range(space.size):
@@ -234,8 +211,8 @@ def scale_sweep(
         pl.DataFrame(rows),
         {name: scores},
         cells,
-        {"reward": name, "steps": steps, "guidance": guidance, "alphas": alphas, "granularity": space.granularity,
-         "title": f"{name}: change vs unmodified, one {space.granularity} scaled by alpha"},
+        {"reward": name, "steps": evaluator.sampling.steps, "guidance": evaluator.sampling.guidance, "alphas": alphas,
+         "granularity": space.granularity, "title": f"{name}: change vs unmodified, one {space.granularity} scaled by alpha"},
     )
 
 
@@ -246,91 +223,109 @@ def scale_sweep(
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to sample: a Calibri vector (``None`` = the unmodified model) at a step count."""
+    """One way to sample: a Calibri vector (``None`` = the unmodified model) at a step count and guidance.
+
+    ``search`` is the vector's search space (None: the evaluator's own), so one comparison can hold
+    vectors of different granularities and ensemble sizes (block calibration, the CFG ensemble,
+    skip-layer guidance as a 3-member ensemble).
+    """
 
     vector: Any = None
     steps: int | None = None
     guidance: float | None = None
+    search: "SearchSpace | None" = None
 
 
 def evaluate_settings(
-    backbone: "Backbone",
+    evaluator: "PopulationEvaluator",
     settings: Mapping[str, Setting],
     prompts: Sequence["Prompt"],
-    rewards: "Reward | Sequence[Reward]",
     *,
-    space: "CalibrationSpace | None" = None,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     reference: str | None = None,
+    references: Mapping[str, str] | None = None,
     n_boot: int = 2000,
     level: float = 0.95,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    chunk_images: int | None = None,
     bootstrap_seed: int = 0,
     clusters: str = "cell",
 ) -> AnalysisResult:
     """Mean reward of each labelled setting on the same prompt x seed cells, with intervals.
 
-    Settings sharing (steps, guidance, ensemble size) are scored as one population. With a
+    Settings sharing (steps, guidance, search space) are scored as one population. With a
     ``reference`` label, every row also gets the paired difference to it (``delta``, ``delta_low``,
-    ``delta_high``). ``clusters="prompt"`` resamples whole prompts instead of cells.
-    Table columns: ``label, steps, reward, mean, ci_low, ci_high, n_cells[, delta, delta_low, delta_high]``.
+    ``delta_high``); ``references`` (label -> reference label) adds the paired differences of
+    every setting against each further reference to ``meta["comparisons"]``. ``clusters="prompt"``
+    resamples whole prompts instead of cells.
+    Table columns: ``label, steps, guidance, n_models, reward, mean, ci_low, ci_high, n_cells[, delta, delta_low, delta_high]``.
     """
     if not settings:
         raise ValueError("no settings to evaluate")
-    if reference is not None and reference not in settings:
-        raise ValueError(f"reference {reference!r} is not one of the settings {list(settings)}")
+    for ref in [reference, *(references or {}).values()]:
+        if ref is not None and ref not in settings:
+            raise ValueError(f"reference {ref!r} is not one of the settings {list(settings)}")
     if clusters not in ("cell", "prompt"):
         raise ValueError(f"clusters must be 'cell' or 'prompt', got {clusters!r}")
-    reward_list = as_reward_list(rewards)
+    reward_list = evaluator.rewards
     cell_prompts, cell_seeds, cells = _cells(prompts, seeds)
     cluster_ids = [c["prompt_id"] for c in cells] if clusters == "prompt" else None
 
-    resolved: dict[str, tuple[int, float | None, int, torch.Tensor | None]] = {}
+    resolved: dict[str, tuple[int, float | None, Any, torch.Tensor | None]] = {}
     for label, setting in settings.items():
         if not isinstance(setting, Setting):
             raise TypeError(f"settings[{label!r}] must be a Setting, got {type(setting).__name__}")
-        steps = setting.steps if setting.steps is not None else backbone.default_steps
-        guidance = setting.guidance if setting.guidance is not None else backbone.default_guidance
+        steps = setting.steps if setting.steps is not None else evaluator.sampling.steps
+        guidance = setting.guidance if setting.guidance is not None else evaluator.sampling.guidance
         if setting.vector is None:
-            resolved[label] = (steps, guidance, 0, None)
+            resolved[label] = (steps, guidance, None, None)
         else:
-            if space is None:
-                raise ValueError(f"setting {label!r} has a Calibri vector: pass the CalibrationSpace it belongs to")
-            v = torch.as_tensor(np.asarray(setting.vector, dtype=np.float64)).to(torch.float32).reshape(-1)
-            resolved[label] = (steps, guidance, infer_n_models(space, v), v)
+            search = setting.search if setting.search is not None else evaluator.search
+            if search is None:
+                raise ValueError(f"setting {label!r} has a Calibri vector: give its search space (Setting.search)")
+            resolved[label] = (steps, guidance, search, search.check(setting.vector)[0])
 
     per_label: dict[str, dict[str, np.ndarray]] = {}
     groups: dict[tuple[int, float | None, int], list[str]] = {}
-    for label, (steps, guidance, n_models, _) in resolved.items():
-        groups.setdefault((steps, guidance, n_models), []).append(label)
-    common = dict(max_batch=max_batch, memory_budget_mb=memory_budget_mb, chunk_images=chunk_images)
-    for (steps, guidance, n_models), labels in groups.items():
-        if n_models == 0:  # the unmodified model: one evaluation serves every such label
-            scores = _score_matrix(backbone, None, None, cell_prompts, cell_seeds, reward_list, steps=steps, guidance=guidance, **common)
+    for label, (steps, guidance, search, _) in resolved.items():
+        groups.setdefault((steps, guidance, id(search)), []).append(label)
+    for (steps, guidance, _), labels in groups.items():
+        search = resolved[labels[0]][2]
+        ev = evaluator.with_search(search).with_sampling(steps=steps, guidance=guidance)
+        tag = f"{len(labels)} setting(s) at {steps} steps, guidance {guidance:g}" if guidance is not None else None
+        if search is None:  # the unmodified model: one evaluation serves every such label
+            scores = ev(None, cell_prompts, cell_seeds, label=tag).scores
             for label in labels:
                 per_label[label] = {name: s[0] for name, s in scores.items()}
         else:
             population = torch.stack([resolved[label][3] for label in labels])
-            scores = _score_matrix(backbone, space, population, cell_prompts, cell_seeds, reward_list, steps=steps,
-                                   guidance=guidance, n_models=n_models, **common)
+            scores = ev(population, cell_prompts, cell_seeds, label=tag).scores
             for i, label in enumerate(labels):
                 per_label[label] = {name: s[i] for name, s in scores.items()}
 
+    def paired(label: str, ref: str, reward: str):
+        return paired_difference_ci(per_label[label][reward], per_label[ref][reward], clusters=cluster_ids,
+                                    n_boot=n_boot, level=level, seed=bootstrap_seed)
+
     rows = []
     for label in settings:
-        steps, guidance, n_models, _ = resolved[label]
+        steps, guidance, search, _ = resolved[label]
         for r in reward_list:
             values = per_label[label][r.name]
             ci = bootstrap_ci(values, clusters=cluster_ids, n_boot=n_boot, level=level, seed=bootstrap_seed)
-            row = {"label": label, "steps": steps, "guidance": guidance, "n_models": n_models, "reward": r.name,
-                   "mean": ci.mean, "ci_low": ci.low, "ci_high": ci.high, "n_cells": ci.n}
+            row = {"label": label, "steps": steps, "guidance": guidance, "n_models": 0 if search is None else search.n_models,
+                   "reward": r.name, "mean": ci.mean, "ci_low": ci.low, "ci_high": ci.high, "n_cells": ci.n}
             if reference is not None:
-                diff = paired_difference_ci(values, per_label[reference][r.name], clusters=cluster_ids, n_boot=n_boot,
-                                            level=level, seed=bootstrap_seed)
+                diff = paired(label, reference, r.name)
                 row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high)
             rows.append(row)
+    comparisons = []
+    for ref in dict.fromkeys([*([reference] if reference else []), *(references or {}).values()]):
+        for label in settings:
+            if label == ref:
+                continue
+            for r in reward_list:
+                diff = paired(label, ref, r.name)
+                comparisons.append({"setting": label, "reference": ref, "reward": r.name, "delta": diff.mean,
+                                    "ci_low": diff.low, "ci_high": diff.high, "n": diff.n})
     import polars as pl
 
     matrix = {r.name: np.stack([per_label[label][r.name] for label in settings]) for r in reward_list}
@@ -339,44 +334,42 @@ def evaluate_settings(
         pl.DataFrame(rows),
         matrix,
         cells,
-        {"labels": list(settings), "reference": reference, "level": level, "clusters": clusters},
+        {"labels": list(settings), "reference": reference, "level": level, "clusters": clusters,
+         "comparisons": comparisons},
     )
 
 
 def nfe_study(
-    backbone: "Backbone",
+    evaluator: "PopulationEvaluator",
     vectors: Mapping[str, Any],
     steps_list: Sequence[int],
     prompts: Sequence["Prompt"],
-    rewards: "Reward | Sequence[Reward]",
     *,
-    space: "CalibrationSpace | None" = None,
     seeds: Sequence[int] = DEFAULT_SEEDS,
+    searches: Mapping[str, "SearchSpace"] | None = None,
     guidance: float | None = None,
     n_boot: int = 2000,
     level: float = 0.95,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    chunk_images: int | None = None,
     bootstrap_seed: int = 0,
 ) -> AnalysisResult:
     """Reward vs number of sampling steps for each labelled vector (``None`` = the unmodified model).
 
-    Table columns: ``label, steps, reward, mean, ci_low, ci_high, n_cells`` (one row per label x
-    steps x reward); plot: one panel per reward, one line per label with its interval band.
+    ``searches`` gives a label's search space when it is not the evaluator's. Table columns:
+    ``label, steps, reward, mean, ci_low, ci_high, n_cells`` (one row per label x steps x reward);
+    plot: one panel per reward, one line per label with its interval band.
     """
     steps_list = [int(s) for s in steps_list]
     if not steps_list or any(s < 1 for s in steps_list) or len(set(steps_list)) != len(steps_list):
         raise ValueError(f"steps_list must hold distinct positive step counts, got {steps_list}")
     if not vectors:
         raise ValueError("nfe_study needs at least one labelled vector")
+    searches = dict(searches or {})
     settings = {
-        f"{label}@{steps}": Setting(vector=vector, steps=steps, guidance=guidance)
+        f"{label}@{steps}": Setting(vector=vector, steps=steps, guidance=guidance, search=searches.get(label))
         for label, vector in vectors.items()
         for steps in steps_list
     }
-    result = evaluate_settings(backbone, settings, prompts, rewards, space=space, seeds=seeds, n_boot=n_boot, level=level,
-                               max_batch=max_batch, memory_budget_mb=memory_budget_mb, chunk_images=chunk_images,
+    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, n_boot=n_boot, level=level,
                                bootstrap_seed=bootstrap_seed)
     import polars as pl
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from calibri_pipeline.method.ensemble import EnsembleLayout
-from calibri_pipeline.method.population import as_reward_list, evaluate_population
+from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates, SearchSpace
+from calibri_pipeline.method.population import ImageCache, LocalEvaluator, PopulationEvaluator, SamplingSettings
 from calibri_pipeline.method.search import (
     Bucket,
     CalibrationRun,
@@ -30,6 +30,7 @@ from calibri_pipeline.method.state_store import StateStore
 
 if TYPE_CHECKING:
     from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.ray_eval import RayWorkerPool
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.rewards.base import Reward
@@ -41,39 +42,36 @@ if TYPE_CHECKING:
 
 
 class RewardObjective:
-    """:class:`~calibri_pipeline.method.search.PopulationObjective` for a backbone and rewards.
+    """:class:`~calibri_pipeline.method.search.PopulationObjective` of a population evaluator's rewards.
 
     fitness = ``sum_r weight_r * sign_r * mean(scores_r)`` over the bucket (sign -1 for rewards with
     ``higher_is_better=False``); every reward is scored and reported as a component, including
-    ones with weight 0 (tracked, not optimised).
+    ones with weight 0 (tracked, not optimised). Validation cells are ``val_prompts`` x seeds:
+    ``val_seeds`` holds one seed per validation prompt for each of ``k >= 1`` replicates (replicate
+    after replicate). With ``seed`` (the search's), the search can resize validation to ``k`` seeds
+    per prompt (:meth:`resize_validation`) and confirm its choice on fresh ones (:meth:`confirm`).
+    Training buckets are never stored in the evaluator's image cache (no image there is seen twice);
+    validation and confirmation images are.
     """
 
     def __init__(
         self,
-        backbone: "Backbone",
-        space: "CalibrationSpace",
+        evaluator: PopulationEvaluator,
         train_prompts: Sequence["Prompt"],
         val_prompts: Sequence["Prompt"],
-        rewards: Reward | Sequence[Reward] | Mapping[str, Reward],
         *,
         reward_weights: Mapping[str, float] | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        n_models: int = 1,
-        val_seeds: Sequence[int],
-        max_batch: int | None = None,
-        memory_budget_mb: float | None = None,
-        evaluator: Any = None,
+        val_seeds: Sequence[int] | None = None,
+        seed: int | None = None,
     ) -> None:
-        self.backbone = backbone
-        self.space = space
+        self.evaluator = evaluator
         self.train_prompts = list(train_prompts)
-        self.val_prompts = list(val_prompts)
+        self.val_base = list(val_prompts)
         if not self.train_prompts:
             raise ValueError("calibration needs training prompts")
-        if not self.val_prompts:
+        if not self.val_base:
             raise ValueError("calibration needs validation prompts (the result is selected on them)")
-        self.rewards = as_reward_list(rewards)
+        self.rewards = evaluator.rewards
         names = [r.name for r in self.rewards]
         if reward_weights is None:
             if len(self.rewards) > 1:
@@ -88,64 +86,81 @@ class RewardObjective:
         self.reward_weights = {n: float(reward_weights.get(n, 0.0)) for n in names}
         if not any(w != 0 for w in self.reward_weights.values()):
             raise ValueError("at least one reward weight must be non-zero")
-        self.steps = steps if steps is not None else backbone.default_steps
-        self.guidance = guidance
-        self.n_models = n_models
-        self.val_seeds = [int(s) for s in val_seeds]
-        if len(self.val_seeds) != len(self.val_prompts):
-            raise ValueError(f"need one validation seed per validation prompt: {len(self.val_prompts)} prompts, {len(self.val_seeds)} seeds")
-        self.max_batch = max_batch
-        self.memory_budget_mb = memory_budget_mb
-        # anything with evaluate_population's signature (e.g. ray_eval.RayPopulationEvaluator);
-        # not part of describe(): where images are computed does not change the run
-        self.evaluator = evaluator
+        if val_seeds is None and seed is None:
+            raise ValueError("give val_seeds (one per validation prompt and replicate) or the search seed")
+        self.seed = seed
+        seeds = [int(s) for s in val_seeds] if val_seeds is not None else validation_seeds(seed, len(self.val_base))
+        if not seeds or len(seeds) % len(self.val_base):
+            raise ValueError(
+                f"need one validation seed per validation prompt (and replicate): {len(self.val_base)} prompts, "
+                f"{len(seeds)} seeds"
+            )
+        self._set_validation(seeds)
+
+    def _set_validation(self, seeds: list[int]) -> None:
+        k = len(seeds) // len(self.val_base)
+        self.val_prompts = [p for _ in range(k) for p in self.val_base]
+        self.val_seeds = seeds
 
     @property
     def n_train_items(self) -> int:
         return len(self.train_prompts)
 
-    def _scores(self, vectors: np.ndarray, prompts: Sequence["Prompt"], seeds: Sequence[int]) -> PopulationScores:
-        evaluate = evaluate_population if self.evaluator is None else self.evaluator.evaluate_population
-        per_reward = evaluate(
-            self.backbone,
-            self.space,
-            torch.as_tensor(np.asarray(vectors, dtype=np.float64)),
-            prompts,
-            seeds,
-            self.rewards,
-            steps=self.steps,
-            guidance=self.guidance,
-            n_models=self.n_models,
-            max_batch=self.max_batch,
-            memory_budget_mb=self.memory_budget_mb,
-        )
-        components = {name: s.to(torch.float64).mean(dim=1).numpy() for name, s in per_reward.items()}
-        fitness = np.zeros(len(vectors), dtype=np.float64)
+    @property
+    def n_val_items(self) -> int:
+        return len(self.val_base)
+
+    def resize_validation(self, seeds_per_prompt: int) -> int:
+        """Validate on ``seeds_per_prompt`` seeds per validation prompt from now on; returns the image count."""
+        if self.seed is None:
+            raise ValueError("resizing validation needs the search seed (RewardObjective(seed=...))")
+        self._set_validation(validation_seeds(self.seed, len(self.val_base), seeds_per_prompt))
+        return len(self.val_seeds)
+
+    def _scores(self, vectors: np.ndarray, prompts: Sequence["Prompt"], seeds: Sequence[int], *, store: bool) -> PopulationScores:
+        per_reward = self.evaluator(np.asarray(vectors, dtype=np.float64), prompts, seeds, store=store).scores
+        cells = np.zeros((len(vectors), len(prompts)), dtype=np.float64)
         for r in self.rewards:
             sign = 1.0 if getattr(r, "higher_is_better", True) else -1.0
-            fitness += self.reward_weights[r.name] * sign * components[r.name]
-        return PopulationScores(fitness, components)
+            cells += self.reward_weights[r.name] * sign * per_reward[r.name]
+        components = {name: s.mean(axis=1) for name, s in per_reward.items()}
+        return PopulationScores(cells.mean(axis=1), components, cells)
 
     def train(self, vectors: np.ndarray, bucket: Bucket) -> PopulationScores:
         prompts = [self.train_prompts[i] for i in bucket.item_indices]
-        return self._scores(vectors, prompts, bucket.seeds)
+        return self._scores(vectors, prompts, bucket.seeds, store=False)
 
     def validate(self, vectors: np.ndarray) -> PopulationScores:
-        return self._scores(vectors, self.val_prompts, self.val_seeds)
+        return self._scores(vectors, self.val_prompts, self.val_seeds, store=True)
+
+    def confirm(self, vectors: np.ndarray) -> PopulationScores:
+        """The validation prompts with fresh seeds (as many per prompt as validation uses now)."""
+        if self.seed is None:
+            raise ValueError("confirming needs the search seed (RewardObjective(seed=...))")
+        k = len(self.val_seeds) // len(self.val_base)
+        seeds = confirmation_seeds(self.seed, len(self.val_base), k)
+        return self._scores(vectors, [p for _ in range(k) for p in self.val_base], seeds, store=True)
 
     def describe(self) -> dict[str, Any]:
+        ev = self.evaluator
+        search = ev.search
         return {
-            "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
-            "space": {"granularity": self.space.granularity, "names": list(self.space.names)},
+            "backbone": getattr(ev.backbone, "name", type(ev.backbone).__name__),
+            "space": None if search is None else {"granularity": search.granularity, "names": list(search.space.names)},
             "train_prompts": [p.prompt_id for p in self.train_prompts],
-            "val_prompts": [p.prompt_id for p in self.val_prompts],
+            "val_prompts": [p.prompt_id for p in self.val_base],
             "val_seeds": self.val_seeds,
             "rewards": self.reward_weights,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "n_models": self.n_models,
+            "steps": ev.sampling.steps,
+            "guidance": ev.sampling.guidance,
+            "n_models": 1 if search is None else search.n_models,
         }
 
+
+def confirmation_seeds(seed: int, n_items: int, seeds_per_prompt: int = 1) -> list[int]:
+    """Fresh noise seeds for the final re-scoring (disjoint streams from validation's and the buckets')."""
+    rng = np.random.default_rng([seed, 0xC0F1A])
+    return [int(s) for s in rng.integers(0, 2**31 - 1, size=n_items * seeds_per_prompt)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +247,12 @@ def calibrate(
     on_generation: GenerationCallback | None = None,
     max_batch: int | None = None,
     memory_budget_mb: float | None = None,
-    evaluator: Any = None,
+    pool: "RayWorkerPool | None" = None,
+    cache: ImageCache | None = None,
+    model: str | None = None,
+    initial_stds: Sequence[float] | None = None,
+    guidance_coordinates: bool = False,
+    progress: bool = False,
 ) -> CalibrationResult:
     """Calibrate ``backbone`` with CMA-ES and return the best coefficients by validation.
 
@@ -241,17 +261,18 @@ def calibrate(
     ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
     (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
     part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's.
-    ``evaluator`` scores populations elsewhere (e.g. a ``RayPopulationEvaluator``; default in-process).
+    ``pool`` makes the images on Ray workers (default: in-process); ``cache`` keeps validation
+    images for later assets. ``initial_stds`` are per-coordinate initial deviations in the search's
+    coordinates (see :mod:`calibri_pipeline.method.scaling`); ``guidance_coordinates`` searches the
+    CFG ensemble's weight pair as guidance x scale (:class:`GuidanceCoordinates`); the result is in
+    the paper's layout either way.
     """
-
     config = config if config is not None else SearchConfig()
-    steps = steps if steps is not None else backbone.default_steps
-    if guidance is None:
-        guidance = backbone.default_guidance
-    layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
-    if layout.search_size != space.search_size(n_models):
-        raise ValueError(f"layout search size {layout.search_size} != space.search_size({n_models}) = {space.search_size(n_models)}")
-    x0 = layout.initial(guidance if layout.mode == "cfg" else None).numpy().astype(np.float64)
+    search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg))
+    layout = search.layout
+    sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=max_batch,
+                                memory_budget_mb=memory_budget_mb).resolved(backbone)
+    x0 = search.x0(sampling.guidance).numpy().astype(np.float64)
     if warm_start is not None:
         warm = np.asarray(warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64).reshape(-1)
         if warm.size == layout.search_size:
@@ -263,44 +284,34 @@ def calibrate(
                 f"warm_start must have {layout.search_size} entries (a full search vector for n_models={n_models}) "
                 f"or {space.size} (one model's coefficients), got {warm.size}"
             )
+    if not np.all(np.isfinite(x0)):
+        raise ValueError("x0 contains NaN or infinite values")
     lower, upper = layout.bounds(config.coefficient_bounds, config.weight_bounds)
-    objective = RewardObjective(
-        backbone,
-        space,
-        train_prompts,
-        val_prompts,
-        rewards,
-        reward_weights=reward_weights,
-        steps=steps,
-        guidance=guidance,
-        n_models=n_models,
-        val_seeds=val_seeds if val_seeds is not None else validation_seeds(config.seed, len(val_prompts)),
-        max_batch=max_batch,
-        memory_budget_mb=memory_budget_mb,
-        evaluator=evaluator,
-    )
-    run = CalibrationRun(
-        objective,
-        x0,
-        lower,
-        upper,
-        config,
-        store=store,
-        run_name=run_name,
-        on_generation=on_generation,
-        resume=resume,
-        names=layout.names(space.names),
-    )
-    search = run.run()
+    names = search.names()
+    decode = None
+    if guidance_coordinates:
+        coords = GuidanceCoordinates(layout)
+        x0 = np.array(coords.encode(x0))
+        lower, upper = coords.bounds(lower, upper)
+        names = coords.names(space.names)
+        decode = coords.decode
+    options = dict(cache=cache, model=model, progress=progress)
+    evaluator = (LocalEvaluator(backbone, search, rewards, sampling, **options) if pool is None
+                 else pool.evaluator(backbone, search, rewards, sampling, **options))
+    objective = RewardObjective(evaluator, train_prompts, val_prompts, reward_weights=reward_weights,
+                                val_seeds=val_seeds, seed=config.seed)
+    run = CalibrationRun(objective, x0, lower, upper, config, store=store, run_name=run_name,
+                         on_generation=on_generation, resume=resume, names=names, initial_stds=initial_stds,
+                         decode=(lambda z: np.array(decode(z))) if decode is not None else None)
+    result = run.run()
     return CalibrationResult(
-        search=search,
+        search=result,
         layout=layout,
         coefficient_names=list(space.names),
         granularity=space.granularity,
-        steps=steps,
-        guidance=guidance,
+        steps=sampling.steps,
+        guidance=sampling.guidance,
     )
 
 
-
-__all__ = ["CalibrationResult", "RewardObjective", "calibrate"]
+__all__ = ["CalibrationResult", "RewardObjective", "calibrate", "confirmation_seeds"]

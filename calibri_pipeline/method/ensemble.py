@@ -10,9 +10,11 @@ How the members are run depends on the backbone:
 - ``"single"`` (n = 1): one member. If the model uses classifier-free guidance, the member *is* the
   guided denoiser: conditional and unconditional passes share ``c_1`` and are mixed with the
   pipeline's fixed guidance ``g``; ``w_1`` scales the result (x0: 1).
-- ``"cfg"`` (n = 2 on a CFG model): the paper's CFG case. Member 1 is the conditional pass with
+- ``"cfg"`` (n >= 2 on a CFG model): the paper's CFG case. Member 1 is the conditional pass with
   ``c_1``, member 2 the unconditional pass with ``c_2``; the weights replace the guidance mix
-  (x0: ``g`` and ``1 - g``, which is exactly standard CFG).
+  (x0: ``g`` and ``1 - g``, which is exactly standard CFG). Members 3.. are further conditional
+  passes with their own coefficients, starting at weight 0: skip-layer guidance is the point
+  ``c_3`` = 0 on the skipped blocks with weights ``g + s, 1 - g, -s``.
 - ``"ensemble"`` (n >= 2 on a model without CFG, e.g. guidance-distilled FLUX): every member sees
   the prompt, each with its own coefficients (x0: ``1/n`` each).
 """
@@ -41,17 +43,20 @@ class EnsembleLayout:
             raise ValueError(f"size must be a positive int, got {self.size!r}")
         if not isinstance(self.n_models, int) or self.n_models < 1:
             raise ValueError(f"n_models must be a positive int, got {self.n_models!r}")
-        if self.cfg and self.n_models > 2:
-            raise ValueError(
-                f"a model with classifier-free guidance supports n_models=1 (guided) or 2 "
-                f"(conditional + unconditional), got n_models={self.n_models}"
-            )
 
     @property
     def mode(self) -> str:
         if self.n_models == 1:
             return "single"
         return "cfg" if self.cfg else "ensemble"
+
+    def member_kinds(self) -> list[str]:
+        """The conditioning of each member's pass (``cond`` / ``uncond``; a guided single model: ``guided``)."""
+        if self.mode == "single":
+            return ["guided" if self.cfg else "cond"]
+        if self.mode == "cfg":
+            return ["cond", "uncond"] + ["cond"] * (self.n_models - 2)
+        return ["cond"] * self.n_models
 
     @property
     def search_size(self) -> int:
@@ -82,7 +87,7 @@ class EnsembleLayout:
         if self.mode == "cfg":
             if guidance is None:
                 raise ValueError("the CFG ensemble starts from the pipeline's guidance g: pass guidance")
-            return [float(guidance), 1.0 - float(guidance)]
+            return [float(guidance), 1.0 - float(guidance)] + [0.0] * (self.n_models - 2)
         return [1.0 / self.n_models] * self.n_models
 
     def initial(self, guidance: float | None = None) -> torch.Tensor:
@@ -127,7 +132,8 @@ class EnsembleLayout:
                 ]
             return [("cond", coefficients[:, 0], weights[:, 0])]
         if self.mode == "cfg":
-            return [("cond", coefficients[:, 0], weights[:, 0]), ("uncond", coefficients[:, 1], weights[:, 1])]
+            kinds = ["cond", "uncond"] + ["cond"] * (self.n_models - 2)
+            return [(kind, coefficients[:, m], weights[:, m]) for m, kind in enumerate(kinds)]
         return [("cond", coefficients[:, m], weights[:, m]) for m in range(self.n_models)]
 
 
@@ -181,11 +187,56 @@ class SearchSpace:
             vec = vec.unsqueeze(0) if n is None else vec.unsqueeze(0).expand(n, d)
         if vec.ndim != 2 or vec.shape[1] != d or vec.shape[0] < 1:
             raise ValueError(
-                f"Calibri vectors must have shape [{d}] or [N, {d}] ({self.n_models} x {self.space.size} "
-                f"{self.space.granularity} coefficients + {self.n_models} weights), got {tuple(vec.shape)}"
+                f"Calibri vectors must have shape [P, {d}] or [{d}] (space.search_size({self.n_models}): "
+                f"{self.n_models} x {self.space.size} {self.space.granularity} coefficients + {self.n_models} weights), "
+                f"got {tuple(vec.shape)}"
             )
         if n is not None and vec.shape[0] != n:
             raise ValueError(f"got {vec.shape[0]} Calibri vectors for {n} images")
         if not torch.isfinite(vec).all():
             raise ValueError("Calibri vectors contain NaN or infinite values")
         return vec
+
+
+class GuidanceCoordinates:
+    """Search coordinates for the CFG ensemble: its weight pair as guidance x overall scale.
+
+    The paper's layout stores ``w_cond, w_uncond`` (x0: ``g, 1 - g``). A guidance change moves both
+    weights together while keeping their sum, so independent steps on the two mostly change the
+    overall scale of the velocity, which a few-step sampler punishes. The search therefore moves
+    ``g = w_cond / (w_cond + w_uncond)`` and ``s = w_cond + w_uncond`` instead (x0: ``g``, 1), and
+    every vector it hands out or stores is in the paper's layout (:meth:`decode`).
+    """
+
+    def __init__(self, layout: EnsembleLayout) -> None:
+        if layout.mode != "cfg":
+            raise ValueError(f"guidance coordinates need the CFG ensemble layout, got mode {layout.mode!r}")
+        self.layout = layout
+        self._w = layout.n_models * layout.size  # index of w_cond; w_uncond follows
+
+    def encode(self, vector: Sequence[float]) -> list[float]:
+        x = [float(v) for v in vector]
+        w_c, w_u = x[self._w], x[self._w + 1]
+        total = w_c + w_u
+        if total == 0:
+            raise ValueError("the CFG weights sum to 0: guidance x scale coordinates are undefined there")
+        return x[: self._w] + [w_c / total, total] + x[self._w + 2 :]
+
+    def decode(self, point: Sequence[float]) -> list[float]:
+        z = [float(v) for v in point]
+        g, scale = z[self._w], z[self._w + 1]
+        return z[: self._w] + [scale * g, scale * (1.0 - g)] + z[self._w + 2 :]
+
+    def names(self, coefficient_names: Sequence[str]) -> list[str]:
+        names = self.layout.names(coefficient_names)
+        return names[: self._w] + ["guidance", "scale"] + names[self._w + 2 :]
+
+    #: the search keeps the overall scale within these (a few-step sampler cannot take much more)
+    SCALE_BOUNDS = (0.25, 4.0)
+
+    def bounds(self, lower: Sequence[float], upper: Sequence[float]) -> tuple[list[float], list[float]]:
+        """Paper-layout bounds -> search-coordinate bounds: guidance in [0, the weight bound], scale in SCALE_BOUNDS."""
+        lo, hi = list(lower), list(upper)
+        lo[self._w], hi[self._w] = 0.0, float(upper[self._w])
+        lo[self._w + 1], hi[self._w + 1] = self.SCALE_BOUNDS
+        return lo, hi

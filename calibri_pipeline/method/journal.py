@@ -19,7 +19,7 @@ import numpy as np
 
 from calibri_pipeline.method.state_store import StateStore, check_state_name
 
-STATE_FORMAT = "calibri-cma-run/1"
+STATE_FORMAT = "calibri-cma-run/2"
 
 
 def json_default(value: Any) -> Any:

@@ -1,18 +1,18 @@
 """A CMA-ES population scored on Ray actors, each holding its own model replica.
 
-:class:`RayPopulationEvaluator` is a drop-in replacement for
-:func:`calibri_pipeline.method.population.evaluate_population`: same arguments, same ``[P, B]``
-scores. The ``P * B`` images of a call are cut into contiguous chunks that go to the actors one at
-a time (a worker that finishes early takes the next chunk). Since an image depends only on its
-(prompt, seed, vector) and never on its batch mates (the Backbone contract: equal up to float rounding
-across batch compositions, bitwise only when the same call is replayed), where an image is generated
-changes nothing but float rounding.
+:class:`RayPopulationEvaluator` is a :class:`~calibri_pipeline.method.population.PopulationEvaluator`
+like the in-process :class:`~calibri_pipeline.method.population.LocalEvaluator`: same call, same
+``[P, B]`` scores, same image cache. Only where missing images are made differs: the jobs are cut into
+contiguous chunks that go to the actors one at a time (a worker that finishes early takes the next
+chunk), and each worker runs the shared :func:`~calibri_pipeline.method.population.make_and_score`.
+An image depends only on its (prompt, seed, vector), so where it is made changes nothing but float
+rounding (kernels may round differently with batch shape).
 
 A worker that dies (killed, out of memory, node lost) is replaced by a fresh actor and its chunk
 is evaluated again, up to ``max_retries`` times per chunk; an exception raised *inside* a worker
 (a reward error, a bad vector) is a real error and propagates unchanged.
 
-Plug it into a calibration with ``calibrate(..., evaluator=RayPopulationEvaluator(...))``. The
+Plug it into a calibration with ``calibrate(..., pool=RayWorkerPool(...))``. The
 evaluator is not part of the run's fingerprint, so a run can be resumed with a different number of
 workers (or in-process) and continues where it stopped.
 
@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
 from calibri_pipeline.method.population import (
-    _as_vectors,
-    _check_prompts_seeds,
-    _score,
-    as_reward_list,
-    resolve_max_batch,
+    ImageJob,
+    PopulationEvaluator,
+    SamplingSettings,
+    make_and_score,
 )
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def connect_ray(
 
 
 class PopulationWorker:
-    """Ray actor body: builds its backbone once, then generates and scores chunks of images."""
+    """Ray actor body: builds its backbone once, then makes and scores chunks of images."""
 
     def __init__(self, backbone_factory: BackboneFactory, threads: int | None) -> None:
         if threads is not None:
@@ -149,55 +149,21 @@ class PopulationWorker:
             self._rewards[key] = ray.get(holder[0])
         return self._rewards[key]
 
-    def evaluate(self, request: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def evaluate(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Make and score one chunk: ``{"scores": {reward: [n]}, "images": uint8 [n, 3, H, W] or None}``."""
         rewards = self._reward_list(request["reward_key"], request["rewards"])
-        space = None
-        vectors = request["vectors"]
-        if vectors is not None:
+        search = None
+        if request["layout"] is not None:
             space = self._space(request["granularity"], request["names"])
-            vectors = torch.from_numpy(vectors)
-        return evaluate_images(
-            self.backbone, space, vectors, request["prompts"], request["seeds"], rewards,
-            steps=request["steps"], guidance=request["guidance"], n_models=request["n_models"],
-            max_batch=request["max_batch"], memory_budget_mb=request["memory_budget_mb"],
-            chunk_images=request["chunk_images"],
-        )
-
-
-def evaluate_images(
-    backbone: "Backbone",
-    space: "CalibrationSpace | None",
-    vectors: torch.Tensor | None,
-    prompts: Sequence["Prompt"],
-    seeds: Sequence[int],
-    rewards: Sequence["Reward"],
-    *,
-    steps: int | None,
-    guidance: float | None,
-    n_models: int,
-    max_batch: int | None,
-    memory_budget_mb: float | None,
-    chunk_images: int | None,
-) -> dict[str, np.ndarray]:
-    """Score a flat list of images (one vector per image, or None for the unmodified model)."""
-    batch = resolve_max_batch(
-        backbone, space if vectors is not None else None, prompts[0], n_models=n_models, guidance=guidance,
-        max_batch=max_batch, memory_budget_mb=memory_budget_mb,
-    )
-    n = len(prompts)
-    step = n if chunk_images is None else chunk_images
-    parts: dict[str, list[torch.Tensor]] = {r.name: [] for r in rewards}
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        images = backbone.generate(
-            list(prompts[start:stop]), list(seeds[start:stop]), steps=steps, guidance=guidance,
-            space=space if vectors is not None else None,
-            vectors=None if vectors is None else vectors[start:stop], n_models=n_models, max_batch=batch,
-        )
-        for name, scores in _score(list(rewards), images, prompts[start:stop]).items():
-            parts[name].append(scores)
-        del images
-    return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
+            search = SearchSpace(space, EnsembleLayout(**request["layout"]))
+        vectors = request["vectors"]
+        jobs = [
+            ImageJob(prompt, seed, None if vectors is None or vectors[i] is None else torch.from_numpy(vectors[i]), "", "")
+            for i, (prompt, seed) in enumerate(zip(request["prompts"], request["seeds"]))
+        ]
+        scores, images = make_and_score(self.backbone, search, jobs, request["sampling"], rewards)
+        uint8 = None if not request["want_images"] else (images * 255.0).round().to(torch.uint8).numpy()
+        return {"scores": scores, "images": uint8}
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,8 +172,8 @@ def evaluate_images(
 
 
 @dataclass
-class EvaluatorStats:
-    """What the evaluator did so far (across calls)."""
+class PoolStats:
+    """What a worker pool did so far (across calls)."""
 
     calls: int = 0
     images: int = 0
@@ -217,11 +183,14 @@ class EvaluatorStats:
     seconds: float = 0.0
 
 
-class RayPopulationEvaluator:
-    """Score CMA-ES populations on ``n_workers`` Ray actors (see the module docstring).
+class RayWorkerPool:
+    """``n_workers`` Ray actors, each holding a model replica, that make and score chunks of images.
+
+    :meth:`evaluator` gives the :class:`RayPopulationEvaluator` of a backbone, search space, rewards
+    and sampling settings on this pool (see the module docstring).
 
     - ``backbone_factory``: a picklable zero-argument callable that builds the model inside a worker
-      (e.g. ``functools.partial(load_toy_backbone, "/ckpt")`` or :class:`ModelFactory`); every
+      (e.g. ``functools.partial(load_toy_backbone, "/ckpt")`` or :class:`calibri_pipeline.models.ModelFactory`); every
       worker must get the same model as the caller's ``space`` was built on (checked by name).
     - ``address``: where Ray runs (:func:`connect_ray`); ignored when Ray is already initialised.
     - ``threads_per_worker``: torch CPU threads (and Ray CPUs) per actor.
@@ -261,7 +230,7 @@ class RayPopulationEvaluator:
         self.threads_per_worker = threads_per_worker
         self.chunks_per_worker = chunks_per_worker
         self.max_retries = max_retries
-        self.stats = EvaluatorStats()
+        self.stats = PoolStats()
         self._workers: list[Any] = []
         self._reward_cache: dict[tuple[int, ...], tuple[str, list[Any], list["Reward"]]] = {}
         self._created_temp_dir: str | None = None
@@ -350,7 +319,7 @@ class RayPopulationEvaluator:
             shutil.rmtree(self._created_temp_dir, ignore_errors=True)
             self._created_temp_dir = None
 
-    def __enter__(self) -> "RayPopulationEvaluator":
+    def __enter__(self) -> "RayWorkerPool":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -369,85 +338,78 @@ class RayPopulationEvaluator:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def evaluate_population(
+    def evaluator(
         self,
-        backbone: "Backbone | None",
-        space: "CalibrationSpace | None",
-        vectors: Any,
-        prompts: Sequence["Prompt"],
-        seeds: Sequence[int],
-        reward: "Reward | Sequence[Reward] | Mapping[str, Reward]",
-        *,
-        steps: int | None = None,
-        guidance: float | None = None,
-        n_models: int = 1,
-        max_batch: int | None = None,
-        memory_budget_mb: float | None = None,
-        chunk_images: int | None = None,
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Same contract as :func:`~calibri_pipeline.method.population.evaluate_population`.
+        backbone: "Backbone",
+        search: SearchSpace | None,
+        rewards: Any,
+        sampling: SamplingSettings | None = None,
+        **options: Any,
+    ) -> "RayPopulationEvaluator":
+        """A population evaluator whose missing images are made on this pool's workers.
 
-        ``backbone`` is not used (the workers hold their own replicas); it is accepted so the two
-        are interchangeable. ``steps=None`` means each worker's backbone default.
+        ``backbone`` is the caller's own replica: it gives sampling defaults and the identity that
+        keys the image cache (``options``: ``cache``, ``model``, ``progress``); no image is made on it.
         """
         if not self._workers:
-            raise RuntimeError("this RayPopulationEvaluator is closed")
-        started = time.perf_counter()
-        rewards = as_reward_list(reward)
-        seeds = _check_prompts_seeds(prompts, seeds)
-        if chunk_images is not None and (isinstance(chunk_images, bool) or not isinstance(chunk_images, int) or chunk_images < 1):
-            raise ValueError(f"chunk_images must be a positive int or None, got {chunk_images!r}")
-        if vectors is None:
-            flat_vectors, n_candidates = None, 1
-        else:
-            if space is None:
-                raise ValueError("calibrated vectors need the CalibrationSpace they belong to (space=None given)")
-            v = _as_vectors(vectors, space, n_models)
-            n_candidates = v.shape[0]
-            flat_vectors = v.repeat_interleave(len(prompts), dim=0).numpy()
-        flat_prompts = [p for _ in range(n_candidates) for p in prompts]
-        flat_seeds = [s for _ in range(n_candidates) for s in seeds]
-        n_images = len(flat_prompts)
-        reward_key, reward_holder = self._rewards_ref(rewards)
-        common = {
-            "reward_key": reward_key, "rewards": reward_holder, "steps": steps, "guidance": guidance,
-            "n_models": n_models, "max_batch": max_batch, "memory_budget_mb": memory_budget_mb,
-            "chunk_images": chunk_images,
-            "granularity": None if space is None else space.granularity,
-            "names": None if space is None else list(space.names),
-        }
+            raise RuntimeError("this RayWorkerPool is closed")
+        return RayPopulationEvaluator(backbone, search, rewards, sampling, pool=self, **options)
 
+    def make_and_score(
+        self,
+        jobs: Sequence[ImageJob],
+        search: SearchSpace | None,
+        sampling: SamplingSettings,
+        rewards: Sequence["Reward"],
+        *,
+        want_images: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+        """:func:`~calibri_pipeline.method.population.make_and_score` of ``jobs``, chunk by chunk on the workers."""
+        if not self._workers:
+            raise RuntimeError("this RayWorkerPool is closed")
+        started = time.perf_counter()
+        reward_key, reward_holder = self._rewards_ref(list(rewards))
+        common = {
+            "reward_key": reward_key, "rewards": reward_holder, "sampling": sampling, "want_images": want_images,
+            "granularity": None if search is None else search.granularity,
+            "names": None if search is None else list(search.space.names),
+            "layout": None if search is None else {
+                "size": search.layout.size, "n_models": search.layout.n_models, "cfg": search.layout.cfg},
+        }
+        n_images = len(jobs)
         n_chunks = min(n_images, len(self._workers) * self.chunks_per_worker)
         bounds = np.linspace(0, n_images, n_chunks + 1).round().astype(int)
 
         def request(chunk: int) -> dict[str, Any]:
-            a, b = int(bounds[chunk]), int(bounds[chunk + 1])
-            return dict(common, prompts=flat_prompts[a:b], seeds=flat_seeds[a:b],
-                        vectors=None if flat_vectors is None else flat_vectors[a:b])
+            part = jobs[int(bounds[chunk]) : int(bounds[chunk + 1])]
+            return dict(common, prompts=[j.prompt for j in part], seeds=[j.seed for j in part],
+                        vectors=[None if j.vector is None else j.vector.numpy() for j in part])
 
-        results = self._run_chunks(n_chunks, request)
-        out = {
-            r.name: torch.from_numpy(np.concatenate([results[c][r.name] for c in range(n_chunks)]))
-            .to(torch.float32).reshape(n_candidates, len(prompts))
-            for r in rewards
-        }
+        def done(chunk: int) -> None:
+            if progress is not None:
+                progress(int(bounds[chunk + 1] - bounds[chunk]))
+
+        results = self._run_chunks(n_chunks, request, done)
+        scores = {r.name: np.concatenate([results[c]["scores"][r.name] for c in range(n_chunks)]) for r in rewards}
+        images = None
+        if want_images:
+            images = torch.from_numpy(np.concatenate([results[c]["images"] for c in range(n_chunks)])).float() / 255.0
         self.stats.calls += 1
         self.stats.images += n_images
         self.stats.chunks += n_chunks
         self.stats.seconds += time.perf_counter() - started
-        if isinstance(reward, (list, tuple, Mapping)):
-            return out
-        return out[rewards[0].name]
+        return scores, images
 
-    __call__ = evaluate_population
-
-    def _run_chunks(self, n_chunks: int, request: Callable[[int], dict[str, Any]]) -> dict[int, dict[str, np.ndarray]]:
+    def _run_chunks(
+        self, n_chunks: int, request: Callable[[int], dict[str, Any]], done: Callable[[int], None]
+    ) -> dict[int, dict[str, Any]]:
         ray = self._ray
         pending: deque[int] = deque(range(n_chunks))
         idle: deque[int] = deque(range(len(self._workers)))
         in_flight: dict[Any, tuple[int, int]] = {}
         attempts = [0] * n_chunks
-        results: dict[int, dict[str, np.ndarray]] = {}
+        results: dict[int, dict[str, Any]] = {}
         while pending or in_flight:
             while pending and idle:
                 slot, chunk = idle.popleft(), pending.popleft()
@@ -456,6 +418,7 @@ class RayPopulationEvaluator:
             chunk, slot = in_flight.pop(ready)
             try:
                 results[chunk] = ray.get(ready)
+                done(chunk)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
                 attempts[chunk] += 1
                 if attempts[chunk] > self.max_retries:
@@ -470,38 +433,19 @@ class RayPopulationEvaluator:
         return results
 
 
-# --------------------------------------------------------------------------------------------
-# A picklable factory for the pipeline's model keys
-# --------------------------------------------------------------------------------------------
+class RayPopulationEvaluator(PopulationEvaluator):
+    """A :class:`~calibri_pipeline.method.population.PopulationEvaluator` whose images are made on a
+    :class:`RayWorkerPool` (build it with :meth:`RayWorkerPool.evaluator`)."""
+
+    def __init__(self, backbone: "Backbone", search: SearchSpace | None, rewards: Any,
+                 sampling: SamplingSettings | None = None, *, pool: RayWorkerPool, **options: Any) -> None:
+        super().__init__(backbone, search, rewards, sampling, **options)
+        self.pool = pool
+
+    def _make(self, jobs: Sequence[ImageJob], *, want_images: bool, bar: Any) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+        progress = (lambda k: bar.update(k)) if bar is not None else None
+        return self.pool.make_and_score(jobs, self.search, self.sampling, self.rewards, want_images=want_images,
+                                        progress=progress)
 
 
-@dataclass(frozen=True)
-class ModelFactory:
-    """Builds the backbone of a model key inside a worker (``calibri_pipeline.models.load_model``).
-
-    Carries only the key, the object-store URL (for checkpoint specs) and device/dtype names:
-    credentials are read from the worker's own environment, never shipped.
-    """
-
-    model: str
-    store_url: str | None = None
-    device: str = "auto"
-    dtype: str = "float32"
-
-    def __call__(self) -> "Backbone":
-        from calibri_pipeline.models import load_model
-
-        store = None
-        if self.store_url is not None:
-            from calibri_pipeline.storage.object_store import ObjectStore
-
-            store = ObjectStore(self.store_url)
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda:"):
-            device = "cuda"  # Ray shows each actor only the GPU it was given
-        return load_model(self.model, store, device=device, dtype=self.dtype)
-
-
-__all__ = ["RayPopulationEvaluator", "EvaluatorStats", "ModelFactory", "PopulationWorker", "connect_ray", "evaluate_images"]
+__all__ = ["RayWorkerPool", "RayPopulationEvaluator", "PoolStats", "PopulationWorker", "connect_ray"]

@@ -59,6 +59,19 @@ class SearchConfig:
       numerical stopping criteria when ``honor_cma_stop`` (its fitness-based rules -- flat fitness,
       ``tolfun``, ``tolfunhist`` -- are disabled: every generation scores a different bucket, and a
       discrete reward such as accuracy is often flat on 16 prompts).
+    - the initial step size of coordinate ``i`` is ``sigma0 * initial_stds[i]`` (pycma's ``CMA_stds``;
+      :class:`CalibrationRun` takes ``initial_stds``, all ones by default: the paper's uniform
+      σ0 = 0.25); ``separable`` learns only a diagonal covariance (pycma's ``CMA_diagonal``), which
+      needs far fewer generations per coordinate in large spaces (the paper's 216-482).
+    - noise (off by default): ``probe_buckets > 0`` scores x0 on that many extra buckets at
+      generation 0 and measures the fitness noise against the spread of the first population
+      (:class:`NoiseReport`, kept with the run); with ``target_gain`` it then sizes validation to
+      up to ``max_val_seeds`` seeds per prompt, so that twice the standard error of a paired
+      validation difference stays below the gain sought.
+    - ``confirm_top > 0``: before returning, x0, the ``confirm_top`` best validated vectors and the
+      final mean are re-scored on fresh seeds (``objective.confirm``); a vector replaces x0 only if
+      its paired gain over x0 there has a one-sided lower confidence bound above 0 at
+      ``confirm_level`` (Bonferroni-corrected over the candidates): a margin noise cannot fake.
     """
 
     sigma0: float = 0.25
@@ -76,6 +89,12 @@ class SearchConfig:
     coefficient_bounds: tuple[float, float] = (-1.0, 2.0)
     weight_bounds: tuple[float, float] = (-10.0, 10.0)
     seed: int = 0
+    separable: bool = False
+    probe_buckets: int = 0
+    target_gain: float | None = None
+    max_val_seeds: int = 1
+    confirm_top: int = 0
+    confirm_level: float = 0.95
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -109,6 +128,17 @@ class SearchConfig:
             object.__setattr__(self, name, (float(value[0]), float(value[1])))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"SearchConfig.seed must be a non-negative int, got {self.seed!r}")
+        positive_int("max_val_seeds", self.max_val_seeds)
+        for name in ("probe_buckets", "confirm_top"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SearchConfig.{name} must be an int >= 0, got {value!r}")
+        if self.target_gain is not None and not (self.target_gain > 0 and math.isfinite(self.target_gain)):
+            raise ValueError(f"SearchConfig.target_gain must be a positive number or None, got {self.target_gain!r}")
+        if self.target_gain is not None and self.probe_buckets < 1:
+            raise ValueError("SearchConfig.target_gain sizes validation from the noise probe: set probe_buckets >= 1")
+        if not (0.5 < self.confirm_level < 1.0):
+            raise ValueError(f"SearchConfig.confirm_level must be in (0.5, 1), got {self.confirm_level!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -159,11 +189,14 @@ class Bucket:
         return {"generation": self.generation, "item_indices": list(self.item_indices), "seeds": list(self.seeds)}
 
 
-def make_bucket(seed: int, generation: int, n_items: int, bucket_size: int, seeds_per_prompt: int = 1) -> Bucket:
+def make_bucket(
+    seed: int, generation: int, n_items: int, bucket_size: int, seeds_per_prompt: int = 1, *, probe: int = 0
+) -> Bucket:
     """The bucket of ``generation``: a pure function of its arguments, so a resumed run gets the same data.
 
     Items are drawn epoch by epoch from seeded permutations of all training items (every item is
     used once per epoch; buckets may straddle two epochs), noise seeds from a per-generation stream.
+    ``probe > 0`` draws the noise probe's extra bucket number ``probe`` from streams of its own.
     """
     if n_items < bucket_size:
         raise ValueError(
@@ -174,12 +207,15 @@ def make_bucket(seed: int, generation: int, n_items: int, bucket_size: int, seed
     picked: list[int] = []
     epoch = start // n_items
     offset = start % n_items
+    if probe:
+        picked = [int(i) for i in np.random.default_rng([seed, 0x9B0BE, probe]).permutation(n_items)[:bucket_size]]
     while len(picked) < bucket_size:
         order = np.random.default_rng([seed, 0xB0C4E7, epoch]).permutation(n_items)
         take = order[offset : offset + bucket_size - len(picked)]
         picked.extend(int(i) for i in take)
         epoch, offset = epoch + 1, 0
-    noise = np.random.default_rng([seed, 0x5EED5, generation]).integers(0, 2**31 - 1, size=bucket_size * seeds_per_prompt)
+    stream = [seed, 0x5EED5, generation] + ([0x9B0BE, probe] if probe else [])
+    noise = np.random.default_rng(stream).integers(0, 2**31 - 1, size=bucket_size * seeds_per_prompt)
     items = tuple(i for i in picked for _ in range(seeds_per_prompt))
     return Bucket(generation, items, tuple(int(s) for s in noise))
 
@@ -201,9 +237,14 @@ class PopulationScores:
 
     fitness: np.ndarray
     components: dict[str, np.ndarray] = field(default_factory=dict)
+    cells: np.ndarray | None = None  # [P, N] per-image fitness (its row means are ``fitness``), if known
 
     def __post_init__(self) -> None:
         self.fitness = np.asarray(self.fitness, dtype=np.float64).reshape(-1)
+        if self.cells is not None:
+            self.cells = np.asarray(self.cells, dtype=np.float64)
+            if self.cells.ndim != 2 or self.cells.shape[0] != self.fitness.size:
+                raise ValueError(f"cells must be [P, N] for {self.fitness.size} candidates, got {self.cells.shape}")
         self.components = {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in self.components.items()}
         for name, values in self.components.items():
             if values.shape != self.fitness.shape:
@@ -228,6 +269,95 @@ class PopulationObjective(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able identity of the objective (data, rewards, sampler settings) for resume checks."""
         ...
+
+    # Optional (needed by the noise features of SearchConfig):
+    #   resize_validation(seeds_per_prompt: int) -> int      validation images after resizing
+    #   confirm(vectors [K, D]) -> PopulationScores           on fresh seeds, with ``cells``
+
+
+@dataclass
+class NoiseReport:
+    """How noisy the fitness is, measured at generation 0 (see :func:`measure_noise`).
+
+    - ``x0_bucket_sd``: the spread of x0's mean fitness over buckets of ``bucket_images`` images
+      (what one bucket's number can be off by);
+    - ``population_sd``: the spread of fitness within the first population (same bucket);
+    - ``pair_sd``: the per-image standard deviation of a candidate's score minus x0's on the same
+      image (common random numbers); ``bucket_pair_se`` = ``pair_sd / sqrt(bucket_images)`` is the
+      noise on a paired comparison within a generation;
+    - ``reliability``: the share of the population's fitness variance that is not that noise
+      (1: rankings are all signal; 0: all noise);
+    - ``val_seeds_per_prompt`` / ``val_images`` / ``val_pair_se``: how validation was sized.
+    """
+
+    bucket_images: int
+    x0_bucket_means: list[float]
+    x0_bucket_sd: float
+    population_sd: float
+    pair_sd: float
+    bucket_pair_se: float
+    reliability: float
+    val_seeds_per_prompt: int = 1
+    val_images: int | None = None
+    val_pair_se: float | None = None
+    target_gain: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_noise(population_cells: np.ndarray, x0_index: int, x0_bucket_means: Sequence[float]) -> NoiseReport:
+    """A :class:`NoiseReport` from the first generation's per-image scores and x0's extra buckets."""
+    cells = np.asarray(population_cells, dtype=np.float64)
+    n = cells.shape[1]
+    diffs = np.delete(cells, x0_index, axis=0) - cells[x0_index]
+    pair_sd = float(np.sqrt(np.mean(np.var(diffs, axis=1, ddof=1)))) if n > 1 and diffs.size else 0.0
+    fitness = cells.mean(axis=1)
+    population_sd = float(np.std(fitness, ddof=1)) if fitness.size > 1 else 0.0
+    noise_var = pair_sd**2 / n
+    reliability = 0.0 if population_sd == 0 else float(max(0.0, 1.0 - noise_var / population_sd**2))
+    means = [float(m) for m in x0_bucket_means]
+    return NoiseReport(
+        bucket_images=n,
+        x0_bucket_means=means,
+        x0_bucket_sd=float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+        population_sd=population_sd,
+        pair_sd=pair_sd,
+        bucket_pair_se=float(math.sqrt(noise_var)),
+        reliability=reliability,
+    )
+
+
+def validation_seeds_needed(pair_sd: float, target_gain: float, n_prompts: int, max_seeds: int, z: float = 2.0) -> int:
+    """Seeds per validation prompt so that ``z`` standard errors of a paired difference fit in ``target_gain``."""
+    if pair_sd <= 0:
+        return 1
+    images = math.ceil((z * pair_sd / target_gain) ** 2)
+    return int(min(max_seeds, max(1, math.ceil(images / max(1, n_prompts)))))
+
+
+def confirm_choice(cells: np.ndarray, labels: Sequence[str], level: float) -> dict[str, Any]:
+    """Pick among re-scored candidates (row 0 is x0): the best whose paired gain over x0 is real.
+
+    A candidate qualifies when ``mean(d) - z * se(d) > 0`` for its per-image differences ``d`` to x0,
+    with ``z`` the one-sided normal quantile at ``level``, Bonferroni-corrected over the candidates;
+    among those the largest mean gain wins; none: x0.
+    """
+    from statistics import NormalDist
+
+    cells = np.asarray(cells, dtype=np.float64)
+    k = cells.shape[0] - 1
+    z = NormalDist().inv_cdf(1.0 - (1.0 - level) / max(1, k)) if k else 0.0
+    rows = []
+    for i, label in enumerate(labels):
+        d = cells[i] - cells[0]
+        se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+        gain = float(d.mean())
+        rows.append({"label": label, "mean": float(cells[i].mean()), "gain": gain, "se": se,
+                     "lower": gain - z * se, "qualifies": bool(i > 0 and gain - z * se > 0)})
+    winners = [i for i, r in enumerate(rows) if r["qualifies"]]
+    chosen = max(winners, key=lambda i: rows[i]["gain"]) if winners else 0
+    return {"rows": rows, "chosen": chosen, "z": z, "level": level, "images": int(cells.shape[1])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,6 +437,8 @@ class SearchResult:
     dimension: int
     replayed_generations: int = 0
     names: list[str] | None = None  # one per coordinate of the vectors, when the caller gave them
+    noise: dict[str, Any] | None = None  # NoiseReport.to_dict() when the run probed its noise
+    confirmation: dict[str, Any] | None = None  # confirm_choice() output when the run confirmed its pick
 
     @property
     def n_generations(self) -> int:
@@ -353,6 +485,8 @@ class CalibrationRun:
         on_generation: GenerationCallback | None = None,
         resume: bool = True,
         names: Sequence[str] | None = None,
+        initial_stds: Sequence[float] | None = None,
+        decode: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.objective = objective
         self.config = config if config is not None else SearchConfig()
@@ -379,6 +513,13 @@ class CalibrationRun:
             )
         if names is not None and len(names) != d:
             raise ValueError(f"names must have {d} entries, got {len(names)}")
+        self.initial_stds = None if initial_stds is None else np.array(initial_stds, dtype=np.float64).reshape(-1)
+        if self.initial_stds is not None and (
+            self.initial_stds.size != d or not np.all(np.isfinite(self.initial_stds)) or np.any(self.initial_stds <= 0)
+        ):
+            raise ValueError(f"initial_stds must be {d} positive finite numbers, got {initial_stds!r}")
+        # search coordinates -> the vectors the objective scores (identity unless a reparameterisation)
+        self.decode = decode if decode is not None else (lambda z: np.array(z, dtype=np.float64))
         self.names = list(names) if names is not None else None
         n_items = int(getattr(objective, "n_train_items"))
         if n_items < self.config.bucket_size:
@@ -402,6 +543,8 @@ class CalibrationRun:
                 "x0": self.x0.tolist(),
                 "lower": self.lower.tolist(),
                 "upper": self.upper.tolist(),
+                "initial_stds": None if self.initial_stds is None else self.initial_stds.tolist(),
+                "decoded_x0": self._decoded(self.x0[None])[0].tolist(),
                 "objective": self.objective.describe(),
                 "cma_options": self._cma_options(),
                 "pycma": cma.__version__,
@@ -424,6 +567,8 @@ class CalibrationRun:
             "tolfun": 0,
             "tolfunhist": 0,
             "maxiter": 10**9,
+            **({"CMA_stds": self.initial_stds.tolist()} if self.initial_stds is not None else {}),
+            **({"CMA_diagonal": True} if self.config.separable else {}),
         }
 
     def _new_strategy(self) -> tuple[Any, _PrivateNumpyRandom]:
@@ -462,6 +607,8 @@ class CalibrationRun:
         if stored is not None:
             for record in stored["generations"]:
                 self._replay(es, rng, record)
+                if record.get("noise") and self.config.target_gain is not None:
+                    self.objective.resize_validation(record["noise"]["val_seeds_per_prompt"])
                 log.add(record)
             stop_reason = stored["manifest"].get("stop_reason")
         replayed = len(log.generations)
@@ -477,6 +624,11 @@ class CalibrationRun:
         best = log.best_validation()
         if best is None:  # only possible for a stored run from before its first validation
             raise RuntimeError(f"run {self.run_name!r} finished without any validation")
+        confirmation = None
+        if self.config.confirm_top > 0:
+            confirmation = self.journal.load_extra("confirmation.json") or self._confirm(log)
+            self.journal.save_extra("confirmation.json", confirmation)
+            best = confirmation["candidates"][confirmation["chosen"]]
         return SearchResult(
             vector=np.array(best["vector"], dtype=np.float64),
             val_score=float(best["score"]),
@@ -491,7 +643,28 @@ class CalibrationRun:
             dimension=self.x0.size,
             replayed_generations=replayed,
             names=self.names,
+            noise=log.generations_noise,
+            confirmation=confirmation,
         )
+
+    def _confirm(self, log: "_RunLog") -> dict[str, Any]:
+        """Re-score x0 and the best validated vectors on fresh seeds; keep x0 unless one really is better."""
+        x0 = log.validations[0]
+        others = sorted((v for v in log.validations[1:]), key=lambda v: -v["score"])
+        picked: list[dict[str, Any]] = []
+        for v in others:
+            if len(picked) == self.config.confirm_top:
+                break
+            if not any(np.array_equal(v["vector"], p["vector"]) for p in [x0, *picked]):
+                picked.append(v)
+        candidates = [x0, *picked]
+        scores = self.objective.confirm(np.array([c["vector"] for c in candidates], dtype=np.float64))
+        if scores.cells is None:
+            raise ValueError("objective.confirm must return per-image scores (PopulationScores.cells)")
+        labels = ["x0"] + [f"generation {c['generation']} ({c['source']})" for c in picked]
+        choice = confirm_choice(scores.cells, labels, self.config.confirm_level)
+        choice["candidates"] = candidates
+        return choice
 
     def _replay(self, es: Any, rng: _PrivateNumpyRandom, record: dict[str, Any]) -> None:
         """Re-ask and re-tell a stored generation; any difference from the stored run is an error."""
@@ -516,7 +689,7 @@ class CalibrationRun:
         asked = self._ask(es, rng, generation)
         population = np.array(asked, dtype=np.float64)
         bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
-        scores = self.objective.train(population, bucket)
+        scores = self.objective.train(self._decoded(population), bucket)
         if scores.fitness.shape != (len(asked),):
             raise ValueError(f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates")
         told = self._tell(es, rng, asked, scores.fitness)
@@ -524,9 +697,11 @@ class CalibrationRun:
         done = generation + 1
         reason = self._stop_reason(done, sigmas, told["cma_stop"], log.stale)
 
+        noise = self._probe_noise(scores) if generation == 0 and cfg.probe_buckets else None
         validation = None
         val_vector, val_source = self._to_validate(generation, reason, told["mean"], population, scores.fitness)
         if val_vector is not None:
+            val_vector = self._decoded(val_vector[None, :])[0]
             val_scores = self.objective.validate(val_vector[None, :])
             score = float(val_scores.fitness[0])
             best = log.best_validation()
@@ -548,6 +723,7 @@ class CalibrationRun:
             "generation": generation,
             "bucket": bucket.to_dict(),
             "candidates": population.tolist(),
+            "vectors": self._decoded(population).tolist(),
             "fitness": scores.fitness.tolist(),
             "components": {k: v.tolist() for k, v in scores.components.items()},
             "sigma": told["sigma"],
@@ -556,10 +732,34 @@ class CalibrationRun:
             "train_best": float(scores.fitness[best_index]),
             "train_best_index": best_index,
             "validation": validation,
+            "noise": noise,
             "stop_reason": reason,
             "seconds": time.perf_counter() - started,
             "strategy_sha256": _strategy_digest(es, rng),
         }
+
+    def _decoded(self, points: np.ndarray) -> np.ndarray:
+        return np.array([self.decode(np.asarray(p, dtype=np.float64)) for p in points], dtype=np.float64)
+
+    def _probe_noise(self, scores: PopulationScores) -> dict[str, Any]:
+        """Generation 0's noise probe: x0 on extra buckets against the first population's spread."""
+        cfg = self.config
+        if scores.cells is None:
+            raise ValueError("the noise probe needs per-image scores: objective.train must fill PopulationScores.cells")
+        x0 = self._decoded(self.x0[None])
+        means = [float(scores.fitness[0])]  # candidate 0 of generation 0 is x0 (injected)
+        for b in range(1, cfg.probe_buckets + 1):
+            bucket = make_bucket(cfg.seed, 0, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt, probe=b)
+            means.append(float(self.objective.train(x0, bucket).fitness[0]))
+        report = measure_noise(scores.cells, 0, means)
+        if cfg.target_gain is not None:
+            n_prompts = int(getattr(self.objective, "n_val_items"))
+            seeds = validation_seeds_needed(report.pair_sd, cfg.target_gain, n_prompts, cfg.max_val_seeds)
+            report.val_seeds_per_prompt = seeds
+            report.val_images = int(self.objective.resize_validation(seeds))
+            report.val_pair_se = report.pair_sd / math.sqrt(report.val_images)
+            report.target_gain = cfg.target_gain
+        return report.to_dict()
 
     def _to_validate(
         self, generation: int, reason: str | None, mean: np.ndarray, population: np.ndarray, fitness: np.ndarray
@@ -599,11 +799,14 @@ class _RunLog:
         self.candidates: list[dict[str, Any]] = []
         self.validations: list[dict[str, Any]] = []
         self.sigmas: list[float] = []
+        self.generations_noise: dict[str, Any] | None = None
 
     def add(self, record: dict[str, Any]) -> dict[str, Any]:
         """Take in one generation record; return its row of :attr:`generations`."""
         g = record["generation"]
-        for i, (vector, fit) in enumerate(zip(record["candidates"], record["fitness"])):
+        if record.get("noise"):
+            self.generations_noise = record["noise"]
+        for i, (vector, fit) in enumerate(zip(record.get("vectors", record["candidates"]), record["fitness"])):
             row = {"generation": g, "index": i, "fitness": fit, "injected_x0": g == 0 and i == 0}
             for name, values in record["components"].items():
                 row[f"train/{name}"] = values[i]

@@ -4,7 +4,7 @@
 private Ray cluster on this machine (random auth token, no dashboard, session files in a temp dir);
 ``"ray://head:10001"`` uses a remote cluster through Ray Client and ``"auto"`` joins the cluster this
 machine belongs to. Each of ``n_workers`` actors holds one model replica (one GPU per actor when
-the cluster has GPUs), see :class:`calibri_pipeline.method.ray_eval.RayPopulationEvaluator`.
+the cluster has GPUs), see :class:`calibri_pipeline.method.ray_eval.RayWorkerPool`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dagster as dg
 from pydantic import ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
-    from calibri_pipeline.method.ray_eval import BackboneFactory, RayPopulationEvaluator
+    from calibri_pipeline.method.ray_eval import BackboneFactory, RayWorkerPool
 
 
 class RayResource(dg.ConfigurableResource):
@@ -70,14 +70,14 @@ class RayResource(dg.ConfigurableResource):
         return self.address is not None
 
     @contextmanager
-    def population_evaluator(self, backbone_factory: "BackboneFactory") -> Iterator["RayPopulationEvaluator | None"]:
-        """A started evaluator for the step (None when in-process); its workers stop on exit."""
+    def worker_pool(self, backbone_factory: "BackboneFactory") -> Iterator["RayWorkerPool | None"]:
+        """A started worker pool for the step (None when in-process); its workers stop on exit."""
         if not self.enabled:
             yield None
             return
-        from calibri_pipeline.method.ray_eval import RayPopulationEvaluator
+        from calibri_pipeline.method.ray_eval import RayWorkerPool
 
-        evaluator = RayPopulationEvaluator(
+        pool = RayWorkerPool(
             backbone_factory,
             self.n_workers,
             address=self.address,
@@ -86,6 +86,6 @@ class RayResource(dg.ConfigurableResource):
             max_retries=self.max_retries,
         )
         try:
-            yield evaluator
+            yield pool
         finally:
-            evaluator.close()
+            pool.close()
