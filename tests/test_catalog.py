@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from calibri_pipeline.storage.catalog import SCHEMA_DOC, TABLES, Catalog, CatalogError, check_read_only_sql
+from calibri_pipeline.storage.catalog import SCHEMA_DOC, SCHEMA_VERSION, TABLES, Catalog, CatalogError, check_read_only_sql
 
 
 def _images(run_key: str, n: int, *, model: str = "toy", offset: int = 0) -> pl.DataFrame:
@@ -43,7 +43,7 @@ def test_schema_matches_the_documented_tables(tmp_catalog: Catalog) -> None:
         assert f"### `{table.name}`" in SCHEMA_DOC
         for column in table.columns:
             assert f"| `{column.name}` |" in SCHEMA_DOC
-    assert tmp_catalog.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == "1"
+    assert tmp_catalog.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == str(SCHEMA_VERSION)
     import calibri_pipeline.storage.catalog as catalog_module
 
     assert SCHEMA_DOC in (catalog_module.__doc__ or "")  # the module docstring documents the schema
@@ -57,8 +57,53 @@ def test_reopening_keeps_data_and_a_newer_schema_version_is_refused(tmp_path: Pa
 
     with duckdb.connect(str(path)) as con:
         con.execute("UPDATE catalog_meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(CatalogError, match="schema version 99, this code expects 1"):
+    with pytest.raises(CatalogError, match=f"schema version 99, this code expects {SCHEMA_VERSION}"):
         Catalog(path)
+
+
+def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Version 1 named the selected search vector `coefficients` and had no image cache, no
+    comparisons, no `setting` / `guidance` on evaluations and no run noise; its rows survive."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    Catalog(path)
+    with duckdb.connect(str(path)) as con:  # turn the fresh file into what version 1 wrote
+        for table in ("image_cache", "comparisons"):
+            con.execute(f"DROP TABLE {table}")
+        con.execute('ALTER TABLE calibration_runs RENAME COLUMN "vector" TO coefficients')
+        con.execute("ALTER TABLE calibration_runs DROP COLUMN noise")
+        con.execute("ALTER TABLE evaluations DROP COLUMN setting")
+        con.execute("ALTER TABLE evaluations DROP COLUMN guidance")
+        con.execute("UPDATE catalog_meta SET value = '1' WHERE key = 'schema_version'")
+        con.execute("INSERT INTO calibration_runs (run_id, model, reward, granularity, status, coefficients) "
+                    "VALUES ('r', 'toy', 'world_score', 'block', 'finished', [1.0, 0.5])")
+        con.execute("INSERT INTO evaluations (run_key, model, reward, calibrated, calibration, nfe, mean, n) VALUES "
+                    "('toy|world_score', 'toy', 'world_score', true, 'r', 4, 0.7, 8), "
+                    "('toy|world_score', 'toy', 'world_score', false, 'baseline', 4, 0.6, 8)")
+    upgraded = Catalog(path)
+    assert upgraded.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == str(SCHEMA_VERSION)
+    assert upgraded.query("SELECT vector FROM calibration_runs").item().to_list() == [1.0, 0.5]
+    settings = upgraded.query("SELECT setting FROM evaluations ORDER BY calibrated")["setting"].to_list()
+    assert settings == ["baseline", "calibri"]
+    assert upgraded.count("image_cache") == 0 and upgraded.count("comparisons") == 0
+    for table in TABLES.values():  # every documented column exists after the upgrade
+        cols = upgraded.query(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table.name}'")
+        assert set(table.column_names) <= set(cols["column_name"].to_list()), table.name
+
+
+def test_insert_new_keeps_the_first_row_of_a_key(tmp_catalog: Catalog) -> None:
+    row = dict(image_key="k1", model="toy", identity="i", prompt_id="p", text="a red circle", seed=1, steps=4,
+               guidance=3.5, vector_id="baseline", vector=None, uri="file:///x/1.png")
+    df = pl.DataFrame([row, dict(row, image_key="k2")], schema_overrides={"vector": pl.List(pl.Float64)})
+    assert tmp_catalog.insert_new("image_cache", df, key="image_key") == 2
+    again = pl.DataFrame([dict(row, uri="file:///other.png"), dict(row, image_key="k3")],
+                         schema_overrides={"vector": pl.List(pl.Float64)})
+    assert tmp_catalog.insert_new("image_cache", again, key="image_key") == 1
+    uris = tmp_catalog.query("SELECT image_key, uri FROM image_cache ORDER BY image_key").rows()
+    assert uris == [("k1", "file:///x/1.png"), ("k2", "file:///x/1.png"), ("k3", "file:///x/1.png")]
+    with pytest.raises(ValueError, match="key 'nope'"):
+        tmp_catalog.insert_new("image_cache", df, key="nope")
 
 
 def test_rematerializing_a_partition_replaces_its_rows(tmp_catalog: Catalog) -> None:
@@ -163,7 +208,7 @@ def test_lists_and_json_round_trip_through_arrow(tmp_catalog: Catalog) -> None:
             "granularity": "block",
             "n_models": 1,
             "status": "finished",
-            "coefficients": [[1.0, 0.75, 1.25, 1.0]],
+            "vector": [[1.0, 0.75, 1.25, 1.0]],
             "names": [["blocks.0", "blocks.1", "blocks.2"]],
             "config": [json.dumps({"steps": 4, "popsize": 8})],
         }
@@ -174,7 +219,7 @@ def test_lists_and_json_round_trip_through_arrow(tmp_catalog: Catalog) -> None:
     )
     tmp_catalog.replace("cmaes_candidates", candidates, {"run_id": "toy-world-block"})
     back = tmp_catalog.query(
-        "SELECT coefficients, names, config->>'$.popsize' AS popsize, list_sum(coefficients) AS total FROM calibration_runs"
+        "SELECT vector, names, config->>'$.popsize' AS popsize, list_sum(vector) AS total FROM calibration_runs"
     )
     assert back.row(0) == ([1.0, 0.75, 1.25, 1.0], ["blocks.0", "blocks.1", "blocks.2"], "8", 4.0)
     best = tmp_catalog.query("SELECT vector FROM cmaes_candidates ORDER BY fitness DESC LIMIT 1").item()

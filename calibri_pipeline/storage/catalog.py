@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import polars as pl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,27 @@ TABLES: dict[str, Table] = {
             ("run_key", "calibration"),
         ),
         Table(
+            "image_cache",
+            "Every image the pipeline sampled once, keyed by what determines it; assets reuse these.",
+            (
+                Column("image_key", "VARCHAR", "hash of backbone identity, prompt text, seed, steps, guidance and vector", True),
+                Column("model", "VARCHAR", "model key", True),
+                Column("identity", "VARCHAR", "digest of the backbone's identity (checkpoint, dtype, device kind, sampler)", True),
+                Column("prompt_id", "VARCHAR", "-> `prompts.prompt_id`", True),
+                Column("text", "VARCHAR", "the prompt text the image was sampled for", True),
+                Column("seed", "BIGINT", "initial-noise seed", True),
+                Column("steps", "INTEGER", "sampling steps", True),
+                Column("guidance", "DOUBLE", "guidance scale (NULL for guidance-free models)"),
+                Column("vector_id", "VARCHAR", "`baseline` (the unmodified model) or the Calibri vector's digest", True),
+                Column("vector", "DOUBLE[]", "the Calibri vector, NULL for the unmodified model"),
+                Column("uri", "VARCHAR", "object-store URI of the PNG", True),
+                Column("width", "INTEGER", "pixels"),
+                Column("height", "INTEGER", "pixels"),
+                _created_at(),
+            ),
+            ("model",),
+        ),
+        Table(
             "scores",
             "One reward score per image and reward.",
             (
@@ -185,10 +206,11 @@ TABLES: dict[str, Table] = {
                 Column("baseline_val", "DOUBLE", "validation reward of the unmodified model"),
                 Column("best_val", "DOUBLE", "validation reward of the selected coefficients"),
                 Column(
-                    "coefficients",
+                    "vector",
                     "DOUBLE[]",
                     "selected search vector: `n_models` blocks of `size` coefficients, then `n_models` ensemble weights",
                 ),
+                Column("noise", "JSON", "the run's measured fitness noise and how it sized buckets and validation"),
                 Column("names", "VARCHAR[]", "`CalibrationSpace.names` (one model copy)"),
                 Column("config", "JSON", "the full run configuration (steps, population, sigma, seeds ...)"),
                 Column("state_uri", "VARCHAR", "object-store URI of the resumable CMA-ES state"),
@@ -237,12 +259,32 @@ TABLES: dict[str, Table] = {
                 Column("reward", "VARCHAR", "reward measured", True),
                 Column("calibrated", "BOOLEAN", "whether Calibri coefficients were applied", True),
                 Column("calibration", "VARCHAR", "`baseline` or the `calibration_runs.run_id`", True, "'baseline'"),
+                Column("setting", "VARCHAR", "what was sampled: `baseline`, `calibri`, or an alternative (`guidance-tuned`, `slg-tuned` ...)", True, "'baseline'"),
+                Column("guidance", "DOUBLE", "guidance scale used (NULL: the model's default or none)"),
                 Column("prompt_set", "VARCHAR", "prompts evaluated on (`world:test`, `hpdv3` ...)"),
                 Column("nfe", "INTEGER", "sampling steps", True),
                 Column("mean", "DOUBLE", "mean reward", True),
                 Column("ci_low", "DOUBLE", "95% confidence interval, low"),
                 Column("ci_high", "DOUBLE", "95% confidence interval, high"),
                 Column("n", "INTEGER", "images", True),
+                _created_at(),
+            ),
+            ("run_key",),
+        ),
+        Table(
+            "comparisons",
+            "Paired differences on the same test prompts and noise: each setting against a reference setting.",
+            (
+                Column("run_key", "VARCHAR", _RUN_KEY, True),
+                Column("model", "VARCHAR", "model name", True),
+                Column("reward", "VARCHAR", "reward measured", True),
+                Column("nfe", "INTEGER", "sampling steps of the setting", True),
+                Column("setting", "VARCHAR", "the setting compared (`calibri`, `guidance-tuned` ...)", True),
+                Column("reference", "VARCHAR", "what it is compared with (`baseline@4`, `guidance-tuned@4` ...)", True),
+                Column("delta", "DOUBLE", "mean per-image difference, setting minus reference", True),
+                Column("ci_low", "DOUBLE", "95% paired bootstrap interval of `delta`, low"),
+                Column("ci_high", "DOUBLE", "95% paired bootstrap interval of `delta`, high"),
+                Column("n", "INTEGER", "paired images", True),
                 _created_at(),
             ),
             ("run_key",),
@@ -414,6 +456,19 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 
 # -- the catalog ------------------------------------------------------------------------------
+#: schema version -> statements that bring a catalog of that version to SCHEMA_VERSION (new tables
+#: come from their CREATE TABLE IF NOT EXISTS, which runs first)
+_UPGRADES: dict[str, tuple[str, ...]] = {
+    "1": (
+        'ALTER TABLE calibration_runs RENAME COLUMN coefficients TO "vector"',
+        "ALTER TABLE calibration_runs ADD COLUMN noise JSON",
+        "ALTER TABLE evaluations ADD COLUMN setting VARCHAR DEFAULT 'baseline'",
+        "UPDATE evaluations SET setting = CASE WHEN calibrated THEN 'calibri' ELSE 'baseline' END",
+        "ALTER TABLE evaluations ADD COLUMN guidance DOUBLE",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ReplaceResult:
     deleted: int
@@ -477,6 +532,11 @@ class Catalog:
                 row = con.execute("SELECT value FROM catalog_meta WHERE key = 'schema_version'").fetchone()
                 if row is None:
                     con.execute("INSERT INTO catalog_meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+                elif row[0] in _UPGRADES:
+                    for statement in _UPGRADES[row[0]]:
+                        con.execute(statement)
+                    con.execute("UPDATE catalog_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+                    row = (str(SCHEMA_VERSION),)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -513,6 +573,34 @@ class Catalog:
                     raise CatalogError(f"replace into {spec.name} where {dict(where)} failed; nothing changed: {e}") from e
                 raise
         return ReplaceResult(deleted=int(deleted), inserted=int(inserted))
+
+    def insert_new(self, table: str, df: pl.DataFrame, key: str) -> int:
+        """Insert the rows of ``df`` whose ``key`` is not in ``table`` yet, in one transaction; return how many.
+
+        For tables that only ever grow (the image cache): a row another process wrote first stays.
+        """
+        spec = self._table(table)
+        if key not in spec.column_names or key not in df.columns:
+            raise ValueError(f"insert_new key {key!r} must be a column of {spec.name} and of the DataFrame")
+        df = self._conform(spec, df.unique(subset=[key], keep="first", maintain_order=True), {})
+        arrow = df.to_arrow()
+        with self._connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.register("calibri_incoming", arrow)
+                columns = ", ".join(f'"{c}"' for c in arrow.column_names)
+                (count,) = con.execute(
+                    f'INSERT INTO "{spec.name}" ({columns}) SELECT {columns} FROM calibri_incoming '
+                    f'WHERE "{key}" NOT IN (SELECT "{key}" FROM "{spec.name}")'
+                ).fetchone()
+                con.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                if isinstance(e, duckdb.Error):
+                    raise CatalogError(f"insert into {spec.name} failed; nothing changed: {e}") from e
+                raise
+        return int(count)
 
     @staticmethod
     def _insert_arrow(con: duckdb.DuckDBPyConnection, spec: Table, arrow: Any) -> int:
