@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from calibri_pipeline.atomic_io import atomic_writer
 
 CAPTION_FONT_SIZE = 11
 _PAD = 4  # pixels between cells and around captions
@@ -102,17 +103,11 @@ def image_grid(
 
 
 def save_png(img: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Write ``img`` as PNG atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write ``img`` as PNG atomically (:func:`calibri_pipeline.atomic_io.atomic_writer`)."""
     if not isinstance(img, Image.Image):
         raise TypeError(f"save_png expects a PIL image, got {type(img).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, mode=0o600) as fh:  # 0o600: the mode these files have always had
+        img.save(fh, format="PNG")
     return path

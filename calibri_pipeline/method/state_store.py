@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from calibri_pipeline.atomic_io import write_bytes_atomic
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 
@@ -52,18 +53,7 @@ class LocalStateStore:
             raise TypeError(f"state {name!r}: data must be bytes, got {type(data).__name__}")
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            # never leave a half-written temp file behind, whatever interrupted us
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes_atomic(path, data, mode=0o600)  # private, as the state files always were
 
     def load(self, name: str) -> bytes:
         path = self._path(name)

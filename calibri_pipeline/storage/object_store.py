@@ -26,12 +26,13 @@ import json
 import os
 import re
 import struct
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 import fsspec
+
+from calibri_pipeline.atomic_io import encode_json, write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -178,18 +179,8 @@ class ObjectStore:
         if self.is_local:
             directory, name = os.path.split(path)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())  # durable before visible: a power cut never leaves an empty file
-                os.replace(tmp, path)
-            except BaseException:
-                # Nothing half-written may stay behind, whatever interrupted us.
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            # hidden temp name, which list() skips; durable before visible, removed on any error
+            write_bytes_atomic(path, data, prefix=_TMP_PREFIX, suffix=f"-{name}")
         else:
             try:
                 self._fs.pipe_file(path, bytes(data))
@@ -270,13 +261,8 @@ class ObjectStore:
     # -- typed helpers ------------------------------------------------------------------------
     def put_json(self, key: str, value: Any) -> str:
         """Store ``value`` as UTF-8 JSON (NaN/inf refused: they are not JSON)."""
-        try:
-            text = json.dumps(value, allow_nan=False, indent=2, ensure_ascii=False)
-        except ValueError as e:
-            raise ValueError(f"put_json({key!r}): value contains NaN or infinity, which JSON cannot hold") from e
-        except TypeError as e:
-            raise TypeError(f"put_json({key!r}): value is not JSON-serialisable: {e}") from e
-        return self.put_bytes(key, text.encode("utf-8"))
+        data = encode_json(value, what=f"put_json({key!r})", ensure_ascii=False, trailing_newline=False)
+        return self.put_bytes(key, data)
 
     def get_json(self, key: str) -> Any:
         data = self.get_bytes(key)

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from calibri_pipeline.atomic_io import atomic_writer, write_json_atomic
 from calibri_pipeline.training.data import heldout_prompts, world_categories
 
 DEFAULT_STEPS_LIST = (1, 2, 4, 8, 15, 30)
@@ -181,9 +182,8 @@ def save_sample_grid(
             draw.text((x + 2, y + size + 1 + 12 * k), line, fill=(0, 110, 0) if s["correct"] else (170, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.save(tmp)
-    tmp.replace(path)
+    with atomic_writer(path) as fh:
+        grid.save(fh, format="PNG")
     return path
 
 
@@ -224,9 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table.to_markdown())
     if args.json is not None:
-        from calibri_pipeline.training.toy_train import write_json_atomic
-
-        write_json_atomic(args.json, table.to_dict())
+        write_json_atomic(args.json, table.to_dict(), mode=0o644)
     if args.grid is not None:
         save_sample_grid(backbone, args.grid, guidance=args.guidance, seed=args.seed, split=args.split)
         print(f"sample grid: {args.grid}")

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -34,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from calibri_pipeline.atomic_io import write_bytes_atomic, write_json_atomic
 from calibri_pipeline.backbones.toy import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -175,36 +175,14 @@ def _positive_int(name: str, value: Any) -> None:
 
 # --------------------------------------------------------------------------- file helpers
 
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are shared package data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+CHECKPOINT_FILE_MODE = 0o644  # checkpoints are shared package data: readable by all, whatever the umask
 
 
 def save_weights_atomic(path: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    write_bytes_atomic(path, data, mode=CHECKPOINT_FILE_MODE)
 
 
 def checkpoint_config(config: ToyTrainConfig) -> dict[str, Any]:
@@ -243,7 +221,7 @@ def set_sampling_defaults(path: str | Path, *, steps: int, guidance: float, shif
     cfg["sampling"] = {"default_steps": int(steps), "default_guidance": float(guidance), "shift": float(shift)}
     if note:
         cfg["sampling"]["how_chosen"] = note
-    write_json_atomic(path, cfg)
+    write_json_atomic(path, cfg, mode=CHECKPOINT_FILE_MODE)
 
 
 # --------------------------------------------------------------------------- training
@@ -433,9 +411,9 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
 
     def save(final: bool) -> None:
         save_weights_atomic(out / WEIGHTS_FILE, ema_state(), {"format": FORMAT, "weights": "ema", "step": str(step)})
-        write_json_atomic(out / CONFIG_FILE, checkpoint_config(config))
+        write_json_atomic(out / CONFIG_FILE, checkpoint_config(config), mode=CHECKPOINT_FILE_MODE)
         if not final:
-            write_json_atomic(out / METRICS_FILE, _metrics(config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, "running", None))
+            write_json_atomic(out / METRICS_FILE, _metrics(config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, "running", None), mode=CHECKPOINT_FILE_MODE)
 
     try:
         while step < config.steps:
@@ -527,7 +505,7 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         metrics["init_from"] = init_info
         metrics["total_steps"] = step + int(init_info["total_steps"])
         metrics["total_train_seconds"] = train_s + float(init_info["total_train_seconds"])
-    write_json_atomic(out / METRICS_FILE, metrics)
+    write_json_atomic(out / METRICS_FILE, metrics, mode=CHECKPOINT_FILE_MODE)
     return metrics
 
 
