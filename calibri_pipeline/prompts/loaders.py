@@ -2,15 +2,18 @@
 
 Every loader sets ``Prompt.source`` to ``"<format>:<file name>"`` so a prompt's origin survives into the
 catalog, fails with the file name and line number on malformed input, and refuses an empty file (an empty
-prompt set would silently turn every later mean into NaN).
+prompt set would silently turn every later mean into NaN). :func:`split_prompts` cuts any prompt list into
+seeded train/val/test splits.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from calibri_pipeline.prompts.base import Prompt
 
@@ -164,3 +167,40 @@ def load_prompts(path: PathLike, format: str | None = None, **kwargs: Any) -> li
     if format not in loaders:
         raise ValueError(f"unknown prompt format {format!r}; known: {sorted(loaders)}")
     return loaders[format](path, **kwargs)
+
+
+def split_prompts(
+    prompts: Sequence[Prompt],
+    seed: int,
+    fractions: Mapping[str, float] | Sequence[float] = (0.8, 0.1, 0.1),
+) -> dict[str, list[Prompt]]:
+    """Seeded split into ``train``/``val``/``test`` (or the names of a ``{name: fraction}`` mapping).
+
+    Prompts are de-duplicated by text, then ordered by a hash of ``(seed, prompt_id)`` — so a prompt's
+    place does not depend on the input order — and cut by the fractions (largest-remainder rounding).
+    Each returned prompt has ``split`` set.
+    """
+    if isinstance(fractions, Mapping):
+        names, values = list(fractions), [float(v) for v in fractions.values()]
+    else:
+        values = [float(v) for v in fractions]
+        if len(values) != 3:
+            raise ValueError(f"give three fractions (train, val, test) or a {{name: fraction}} mapping, got {values}")
+        names = ["train", "val", "test"]
+    if any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {dict(zip(names, values))}")
+    unique: dict[str, Prompt] = {}
+    for p in prompts:
+        unique.setdefault(p.text, p)
+    ordered = sorted(unique.values(), key=lambda p: hashlib.sha256(f"{seed}:{p.prompt_id}".encode()).hexdigest())
+    n = len(ordered)
+    exact = [v * n for v in values]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(values)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    out: dict[str, list[Prompt]] = {}
+    start = 0
+    for name, count in zip(names, counts):
+        out[name] = [dataclasses.replace(p, split=name) for p in ordered[start : start + count]]
+        start += count
+    return out
