@@ -19,9 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: rewards of the embedded world that a calibration can optimize offline (a subset of
-#: calibri_pipeline.assets.common.REWARD_KEYS, the rewards the `reward` partitions may hold)
-EMBEDDED_REWARDS = ("world_score", "world_alignment", "world_quality")
+from calibri_pipeline.rewards.names import OPTIMISABLE_REWARDS, WORLD_REWARD_NAMES
+
+#: rewards of the embedded world that a calibration can optimize offline (the `reward` partitions may
+#: hold any of OPTIMISABLE_REWARDS; the demo has no model hub, so only the world's own)
+EMBEDDED_REWARDS = tuple(r for r in WORLD_REWARD_NAMES if r in OPTIMISABLE_REWARDS)
 #: the model partition the demo runs (the shipped toy DiT)
 DEMO_MODEL = "toy"
 
@@ -29,9 +31,10 @@ DEMO_MODEL = "toy"
 SIZES: dict[str, dict] = {
     "default": {},
     "small": dict(n_train=200, n_val=32, n_test=48, generations=12, ablation_prompts=16, nfe_list=[2, 4, 8, 30]),
-    "tiny": dict(n_train=24, n_val=6, n_test=6, seeds=[0, 1], calibration_steps=2, default_steps=4, generations=2,
-                 popsize=4, bucket_size=4, val_every=1, ablation_prompts=3, ablation_seeds=[0], sweep_alphas=[0.0, 2.0],
-                 nfe_list=[1, 2]),
+    "tiny": dict(n_train=24, n_val=6, n_test=6, seeds=[0, 1], val_seeds=[0], calibration_steps=2, default_steps=4,
+                 generations=2, popsize=4, bucket_size=4, val_every=1, ablation_prompts=3, ablation_seeds=[0],
+                 sweep_alphas=[0.0, 2.0], nfe_list=[1, 2], guidance_grid=[2.0, 3.5], slg_candidates=1, slg_scales=[1.0],
+                 probe_buckets=1, max_val_seeds=2, confirm_top=1),
 }
 
 
@@ -50,6 +53,7 @@ class DemoArgs:
     size: str
     preset: str
     reward: str
+    verbose: bool = False
 
 
 def demo_presets(model: str = DEMO_MODEL) -> list[str]:
@@ -111,10 +115,12 @@ def parse_args(argv: list[str] | None = None) -> DemoArgs:
                              "with another one into the same --home to fill Table 7 and see whether a reward is gamed")
     parser.add_argument("--home", default=os.environ.get("CALIBRI_HOME", ".calibri"),
                         help="where the catalog, images and Dagster instance go")
+    parser.add_argument("--verbose", action="store_true", help="show Dagster's DEBUG events (every step and output) too")
     ns = parser.parse_args(argv)
     if not ns.home.strip():
         raise DemoUsageError("--home is empty")
-    args = DemoArgs(home=Path(ns.home).expanduser().resolve(), size=ns.size, preset=ns.preset, reward=ns.reward)
+    args = DemoArgs(home=Path(ns.home).expanduser().resolve(), size=ns.size, preset=ns.preset, reward=ns.reward,
+                    verbose=ns.verbose)
     check_choices(args.home, args.size, args.preset, args.reward)
     return args
 
@@ -137,14 +143,14 @@ def preset_job_name(preset: str) -> str:
 
 
 def run_demo(home: Path, size: str = "default", preset: str = "embedded-default", reward: str = "world_score",
-             model: str = DEMO_MODEL) -> dict:
+             model: str = DEMO_MODEL, verbose: bool = False) -> dict:
     check_choices(Path(home), size, preset, reward, model)  # before anything is written
     _setup_home(Path(home))
     import dagster as dg
 
+    from calibri_pipeline.assets import PARTITIONED_ASSETS
     from calibri_pipeline.assets.automation import _asset_config
     from calibri_pipeline.assets.common import MODEL_PARTITIONS, REWARD_PARTITIONS
-    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS
     from calibri_pipeline.definitions import defs
     from calibri_pipeline.resources import default_resources
 
@@ -155,17 +161,19 @@ def run_demo(home: Path, size: str = "default", preset: str = "embedded-default"
     # resources built now, from this home (defs may have been imported before CALIBRI_HOME was set)
     resources = default_resources()
     tags = {"calibri/demo": size}
+    # Dagster's own events (step starts, outputs, ...) are DEBUG lines; the assets log one INFO line per stage
+    loggers = {"loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "INFO"}}}}
     t0 = time.perf_counter()
     result = defs.resolve_job_def(preset_job_name(preset)).execute_in_process(
         instance=instance,
         partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}),
-        run_config=_asset_config(PARTITIONED_ASSETS, **SIZES[size], preset=preset),
+        run_config={**_asset_config(PARTITIONED_ASSETS, **SIZES[size], preset=preset), **loggers},
         tags=tags,
         resources=resources,
     )
     if result.success:  # the cross-partition tables, as their own run of their own job
-        result = defs.resolve_job_def("build_paper_tables").execute_in_process(instance=instance, tags=tags,
-                                                                               resources=resources)
+        result = defs.resolve_job_def("build_paper_tables").execute_in_process(
+            instance=instance, tags=tags, resources=resources, run_config=loggers)
     wall = time.perf_counter() - t0
     if not result.success:
         raise SystemExit("demo run failed: see the log above (or `dagster dev` for the run)")
@@ -174,9 +182,8 @@ def run_demo(home: Path, size: str = "default", preset: str = "embedded-default"
 
 def summary_text(home: Path, info: dict) -> str:
     from calibri_pipeline.assets.common import latest_calibration
-    from calibri_pipeline.assets.pipeline import headline_table
     from calibri_pipeline.method.analysis import table_markdown
-    from calibri_pipeline.presets import get_preset
+    from calibri_pipeline.report import headline_table, setting_means
     from calibri_pipeline.storage.catalog import Catalog
     from calibri_pipeline.storage.paths import default_catalog_path, default_object_store_url
 
@@ -184,24 +191,27 @@ def summary_text(home: Path, info: dict) -> str:
     catalog = Catalog(default_catalog_path())
     run = latest_calibration(catalog, model, reward)
     evals = catalog.query("SELECT * FROM evaluations WHERE run_key = ?", [info["partition"]])
+    comparisons = catalog.query("SELECT * FROM comparisons WHERE run_key = ?", [info["partition"]])
     preset = json.loads(run["config"])["preset"]
-    headline = headline_table(evals, reward, preset["default_steps"], preset["calibration_steps"])
+    low, default = preset["calibration_steps"], preset["default_steps"]
+    headline = headline_table(evals, comparisons, reward, low, default)
+    means = setting_means(evals, low, list(WORLD_REWARD_NAMES))
     lines = [
         "",
         f"Calibri on the embedded default ({preset['name']}: {run['granularity']} scaling, n_models={run['n_models']}, "
         f"{run['generations']} CMA-ES generations) in {info['wall_seconds'] / 60:.1f} min",
-        f"validation {reward}: baseline {run['baseline_val']:.4f} -> calibrated {run['best_val']:.4f}",
+        f"validation {reward}: start {run['baseline_val']:.4f} -> selected {run['best_val']:.4f}",
         "",
-        "Held-out test prompts (mean, 95% CI):",
-        table_markdown(headline.sort("reward", "setting")),
+        f"Held-out test prompts, {reward} (mean [95% CI]; paired differences on the same prompts and noise):",
+        table_markdown(headline),
+        f"Every reward at {low} steps (means):",
+        table_markdown(means),
         "",
-        f"images:   {default_object_store_url()}/images/{model}/{reward}/",
+        f"images:   {default_object_store_url()}/images/{model}/",
         f"catalog:  {default_catalog_path()}",
-        f"UI:       DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev -w workspace.yaml",
-        "          (or `make dev`; open http://127.0.0.1:3000 -> Assets)",
-        "SQL:      .venv/bin/calibri sql \"SELECT setting, reward, round(mean, 4) AS mean FROM "
-        "(SELECT CASE WHEN calibrated THEN 'calibrated' ELSE 'baseline' END AS setting, nfe, reward, mean "
-        "FROM evaluations) WHERE nfe IN (4, 30) ORDER BY reward, nfe, setting\"",
+        "UI:       make dev   (or: .venv/bin/calibri dev --home " + str(home) + "; open http://127.0.0.1:3000)",
+        "SQL:      .venv/bin/calibri sql \"SELECT setting, reference, reward, round(delta, 4) AS delta, round(ci_low, 4) AS lo, "
+        "round(ci_high, 4) AS hi FROM comparisons WHERE setting LIKE 'calibri@%' ORDER BY ALL\"",
     ]
     return "\n".join(lines)
 
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except DemoUsageError as error:
         print(f"calibri demo: error: {error} (see `calibri demo --help`)", file=sys.stderr)
         return 2
-    info = run_demo(args.home, args.size, args.preset, reward=args.reward)
+    info = run_demo(args.home, args.size, args.preset, reward=args.reward, verbose=args.verbose)
     print(summary_text(args.home, info))
     sys.stdout.flush()
     return 0

@@ -8,11 +8,18 @@ and override single fields.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from calibri_pipeline.rewards.names import PAPER_EVAL_REWARDS, WORLD_REWARD_NAMES
 
 T2I_COMPBENCH_TRAIN = "t2i_compbench_train.txt"
 T2I_COMPBENCH_VAL = "t2i_compbench_val_random_crop.txt"
+
+SCALINGS = ("paper", "sweep")
+WEIGHT_COORDINATES = ("paper", "guidance")
+STARTS = ("stock", "guidance-tuned")
+ALTERNATIVES = ("guidance", "slg")
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,6 @@ class Preset:
     n_models: int = 1
     calibration_steps: int = 15  # the paper calibrates at 15 steps
     default_steps: int = 30  # the baseline's usual step count
-    guidance: float | None = None  # None: the backbone's default
     eval_rewards: tuple[str, ...] = ()
     nfe_list: tuple[int, ...] = (4, 8, 15, 30)
     # prompts
@@ -33,26 +39,58 @@ class Preset:
     n_val: int = 64
     n_test: int = 128
     seeds: tuple[int, ...] = (0, 1)  # seeds per test prompt (diversity needs >= 2)
-    # search (the paper: sigma0 0.25, pycma's default population, bucket 16)
+    val_seeds: tuple[int, ...] = (0,)  # seeds per validation prompt (calibration and the alternatives)
+    # search (the paper: sigma0 0.25 on every coordinate, pycma's default population, bucket 16)
     generations: int = 200
     popsize: int | None = None
     bucket_size: int = 16
     val_every: int = 5
     patience: int | None = 8
+    scaling: str = "paper"  # "paper": sigma0 on every coordinate; "sweep": per-coordinate from the scale sweep
+    sigma0: float | None = None  # None: 0.25 ("paper"), 1.0 ("sweep": the stds are absolute)
+    target_drop: float = 0.03  # "sweep": the first population's expected reward drop
+    weights: str = "paper"  # "paper": the ensemble weights as they are; "guidance": the CFG pair as guidance x scale
+    start: str = "stock"  # "stock": x0 is the unmodified model; "guidance-tuned": the guidance-tuned model
+    separable: bool = False  # diagonal covariance (pycma CMA_diagonal), for large spaces
+    probe_buckets: int = 0  # noise probe: x0 on this many extra buckets at generation 0
+    target_gain: float | None = None  # with the probe: size validation so 2 SE < this gain
+    max_val_seeds: int = 1  # ... with at most this many seeds per validation prompt
+    confirm_top: int = 0  # re-score x0 + this many best validated vectors on fresh seeds before choosing
+    # the alternatives a user tries first, tuned on the validation cells
+    alternatives: tuple[str, ...] = ("guidance", "slg")
+    guidance_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0)
+    slg_candidates: int = 3  # SLG: the blocks whose bypass hurts least, each alone
+    slg_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     # analyses
     ablation_prompts: int = 32
     ablation_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sweep_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
     max_batch: int | None = None
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("scaling", SCALINGS), ("weights", WEIGHT_COORDINATES), ("start", STARTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"preset {self.name!r}: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.alternatives) - set(ALTERNATIVES))
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: unknown alternatives {unknown}; choose from {', '.join(ALTERNATIVES)}")
+        if self.start == "guidance-tuned" and "guidance" not in self.alternatives:
+            raise ValueError(f"preset {self.name!r}: start='guidance-tuned' needs the 'guidance' alternative")
+
+    @property
+    def effective_sigma0(self) -> float:
+        if self.sigma0 is not None:
+            return self.sigma0
+        return 0.25 if self.scaling == "paper" else 1.0
 
     def with_overrides(self, **overrides: Any) -> "Preset":
         clean = {k: v for k, v in overrides.items() if v is not None}
         unknown = sorted(set(clean) - set(asdict(self)))
         if unknown:
             raise ValueError(f"unknown preset fields {unknown}")
-        for key in ("seeds", "eval_rewards", "nfe_list", "ablation_seeds", "sweep_alphas"):
+        for key in ("seeds", "val_seeds", "eval_rewards", "nfe_list", "ablation_seeds", "sweep_alphas", "alternatives",
+                    "guidance_grid", "slg_scales"):
             if key in clean:
                 clean[key] = tuple(clean[key])
         return replace(self, **clean)
@@ -61,8 +99,6 @@ class Preset:
         return asdict(self)
 
 
-WORLD_REWARDS = ("world_score", "world_alignment", "world_accuracy", "world_quality")
-PAPER_REWARDS = ("hpsv3", "imagereward", "qalign")
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -72,23 +108,34 @@ PRESETS: dict[str, Preset] = {
             model="toy",
             reward="world_score",
             granularity="block",
-            n_models=1,
+            n_models=2,
             calibration_steps=4,
             default_steps=30,
-            eval_rewards=WORLD_REWARDS,
-            nfe_list=(1, 2, 4, 8, 30),
+            eval_rewards=WORLD_REWARD_NAMES,
+            nfe_list=(2, 4, 8),
             n_train=400,
             n_val=48,
             n_test=64,
             seeds=(0, 1),
-            generations=16,  # 24 took the demo to 16.4 min on 2 quiet cores; 16 keeps it under 15
+            val_seeds=(0, 1),
+            generations=12,
             bucket_size=16,
-            val_every=4,
-            patience=4,
+            val_every=3,
+            patience=None,
+            scaling="sweep",
+            weights="guidance",
+            probe_buckets=2,
+            target_gain=0.03,
+            max_val_seeds=4,
+            confirm_top=2,
+            guidance_grid=(1.5, 2.0, 2.5, 3.0, 3.5, 4.5),
+            slg_candidates=2,
+            slg_scales=(1.0, 2.0),
             ablation_prompts=16,
             ablation_seeds=(0, 1),
-            sweep_alphas=(0.0, 0.5, 1.0, 1.5, 2.0),
-            notes="the tiny toy DiT on the procedural world, calibrated at 4 steps; minutes on a laptop CPU",
+            sweep_alphas=(0.0, 0.5, 1.5, 2.0),
+            notes="the tiny toy DiT on the procedural world: the CFG ensemble's block coefficients and guidance x "
+                  "scale, calibrated at 4 steps with a search scaled by the sweep; minutes on a laptop CPU",
         ),
         Preset(
             name="embedded-gate-cfg",
@@ -98,7 +145,7 @@ PRESETS: dict[str, Preset] = {
             n_models=2,
             calibration_steps=4,
             default_steps=30,
-            eval_rewards=WORLD_REWARDS,
+            eval_rewards=WORLD_REWARD_NAMES,
             nfe_list=(1, 2, 4, 8, 15, 30),
             n_train=400,
             n_val=48,
@@ -118,7 +165,7 @@ PRESETS: dict[str, Preset] = {
             granularity="block",
             calibration_steps=15,
             default_steps=30,
-            eval_rewards=PAPER_REWARDS,
+            eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=200,
             notes="paper Table 1: FLUX.1-dev, block scaling (57), 200 iterations, ~32 H100-hours",
@@ -130,7 +177,7 @@ PRESETS: dict[str, Preset] = {
             granularity="layer",
             calibration_steps=15,
             default_steps=30,
-            eval_rewards=PAPER_REWARDS,
+            eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=410,
             notes="paper Table 1: FLUX.1-dev, layer scaling (76), 410 iterations",
@@ -142,7 +189,7 @@ PRESETS: dict[str, Preset] = {
             granularity="gate",
             calibration_steps=15,
             default_steps=30,
-            eval_rewards=PAPER_REWARDS,
+            eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=960,
             notes="paper Table 1: FLUX.1-dev, gate scaling (114), 960 iterations",
@@ -155,7 +202,7 @@ PRESETS: dict[str, Preset] = {
             n_models=2,
             calibration_steps=15,
             default_steps=80,
-            eval_rewards=PAPER_REWARDS,
+            eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=2280,
             notes="paper Table 5: SD-3.5 Medium, gate scaling with standard CFG as an ensemble of 2 (216)",
@@ -168,7 +215,7 @@ PRESETS: dict[str, Preset] = {
             n_models=2,
             calibration_steps=15,
             default_steps=100,
-            eval_rewards=PAPER_REWARDS,
+            eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=630,
             notes="paper Table 5: Qwen-Image, gate scaling with true CFG as an ensemble of 2 (482)",

@@ -112,7 +112,7 @@ def _materialize_prompts(world: World, model: str = "toy", reward: str = "world_
     import dagster as dg
 
     from calibri_pipeline.assets.automation import _asset_config
-    from calibri_pipeline.assets.pipeline import prompts
+    from calibri_pipeline.assets.prompts import prompts
     from calibri_pipeline.demo import SIZES
     from calibri_pipeline.resources import CatalogResource, ObjectStoreResource
 

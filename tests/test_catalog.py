@@ -69,7 +69,7 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "old.duckdb"
     Catalog(path)
     with duckdb.connect(str(path)) as con:  # turn the fresh file into what version 1 wrote
-        for table in ("image_cache", "comparisons"):
+        for table in ("image_cache", "comparisons", "tunings"):
             con.execute(f"DROP TABLE {table}")
         con.execute('ALTER TABLE calibration_runs RENAME COLUMN "vector" TO coefficients')
         con.execute("ALTER TABLE calibration_runs DROP COLUMN noise")
@@ -86,7 +86,7 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
     assert upgraded.query("SELECT vector FROM calibration_runs").item().to_list() == [1.0, 0.5]
     settings = upgraded.query("SELECT setting FROM evaluations ORDER BY calibrated")["setting"].to_list()
     assert settings == ["baseline", "calibri"]
-    assert upgraded.count("image_cache") == 0 and upgraded.count("comparisons") == 0
+    assert upgraded.count("image_cache") == upgraded.count("comparisons") == upgraded.count("tunings") == 0
     for table in TABLES.values():  # every documented column exists after the upgrade
         cols = upgraded.query(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table.name}'")
         assert set(table.column_names) <= set(cols["column_name"].to_list()), table.name

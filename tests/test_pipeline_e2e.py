@@ -42,8 +42,10 @@ def _catalog(home: Path):
 def test_demo_prints_the_headline_table(demo_home):
     home, out = demo_home
     assert "Held-out test prompts" in out
-    for setting in ("baseline @ 4 steps", "baseline @ 2 steps", "calibrated @ 2 steps"):
-        assert setting in out
+    for setting in ("baseline@4", "baseline@2", "guidance-tuned@2", "slg-tuned@2", "calibri@2"):
+        assert f"| {setting} |" in out
+    for column in ("vs baseline (same NFE)", "vs guidance-tuned", "vs baseline at 2x NFE"):
+        assert column in out
     assert "calibri sql" in out and str(home / "catalog.duckdb") in out
 
 
@@ -60,27 +62,38 @@ def test_catalog_holds_every_stage(demo_home):
     n_blocks = _n_blocks()
     key = "toy|world_score"
     assert cat.count("prompts", {"prompt_set": key}) == 24 + 6 + 6
-    # 6 test prompts x 2 seeds at 2 and 4 steps (baseline) + at 2 steps (calibrated)
+    # 6 test prompts x 2 seeds at 2 and 4 steps (baseline) + at 2 steps (calibrated, and each alternative)
     assert cat.count("images", {"run_key": key, "calibration": "baseline"}) == 6 * 2 * 2
     run = cat.query("SELECT * FROM calibration_runs").row(0, named=True)
-    assert run["status"] == "finished" and run["granularity"] == "block" and run["n_models"] == 1
-    assert len(run["coefficients"]) == len(run["names"]) + 1 == n_blocks + 1  # one per block + the weight
+    assert run["status"] == "finished" and run["granularity"] == "block" and run["n_models"] == 2
+    # the CFG ensemble: per block a conditional and an unconditional coefficient, then the two weights
+    assert len(run["vector"]) == 2 * len(run["names"]) + 2 == 2 * n_blocks + 2
     assert run["best_val"] >= run["baseline_val"]
+    assert json.loads(run["noise"])["bucket_images"] == 4  # the noise probe's report is kept with the run
     assert cat.count("images", {"run_key": key, "calibration": run["run_id"]}) == 6 * 2
+    for tag in ("guidance-tuned", "slg-tuned"):
+        assert cat.count("images", {"run_key": key, "calibration": tag}) == 6 * 2
+    assert set(cat.query("SELECT name FROM tunings")["name"]) == {"guidance-tuned", "slg-tuned"}
+    # every image row points into the image cache, and the cache holds each image once
+    assert cat.query("SELECT count(*) FROM images i ANTI JOIN image_cache c ON c.image_key = i.image_id").item() == 0
+    assert cat.query("SELECT count(*) - count(DISTINCT image_key) FROM image_cache").item() == 0
     uris = cat.query("SELECT uri FROM images")["uri"].to_list()
     assert all(Path(u.removeprefix("file://")).is_file() for u in uris)
     scores = cat.query("SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward")
     assert set(scores["reward"]) == {"world_score", "world_alignment", "world_accuracy", "world_quality"}
-    assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 12).all()
+    assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 3 * 12).all()
     assert cat.count("ablations") == n_blocks and cat.count("sweeps") == n_blocks * 2
     gens = cat.query("SELECT * FROM cmaes_generations ORDER BY generation")
     assert gens.height == run["generations"] >= 2
     assert cat.count("cmaes_candidates", {"run_id": run["run_id"]}) == 4 * gens.height
     evals = cat.query("SELECT DISTINCT nfe FROM evaluations ORDER BY nfe")["nfe"].to_list()
     assert evals == [1, 2, 4]
-    assert cat.count("evaluations") == 2 * 3 * 4  # baseline/calibrated x 3 NFE x 4 rewards
+    # baseline at 1, 2, 4 steps; guidance-tuned and Calibri at 1 and 2; SLG at 2: x 4 rewards
+    assert cat.count("evaluations") == (3 + 2 + 2 + 1) * 4
+    comparisons = cat.query("SELECT DISTINCT reference FROM comparisons ORDER BY ALL")["reference"].to_list()
+    assert comparisons == ["baseline@2", "baseline@4", "guidance-tuned@2"]
     div = cat.query("SELECT calibration, nfe, count(*) AS n, avg(diversity) AS d FROM diversity GROUP BY ALL")
-    assert div.height == 3 and (div["n"] == 6).all()
+    assert div.height == 5 and (div["n"] == 6).all()  # baseline at 2 and 4 steps, the three settings at 2
 
 
 def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
@@ -90,8 +103,8 @@ def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
     home, _ = demo_home
     ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["mode"] == "single" and manifest["members"] == ["model"]
-    model = FluxTransformer2DModel.from_pretrained(ckpt / "model")
+    assert manifest["mode"] == "cfg" and manifest["members"] == ["cond", "uncond"]
+    model = FluxTransformer2DModel.from_pretrained(ckpt / "cond")
     assert isinstance(model, FluxTransformer2DModel)
     # the baked weights equal the original ones scaled by the coefficients
     from calibri_pipeline.backbones.toy import load_toy_backbone
@@ -109,7 +122,7 @@ def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkey
     import dagster as dg
 
     from calibri_pipeline.assets.common import PARTITIONS
-    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS
+    from calibri_pipeline.assets import PARTITIONED_ASSETS
 
     home, _ = demo_home
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
@@ -122,7 +135,8 @@ def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkey
         assert demo_runs["build_paper_tables"].status == dg.DagsterRunStatus.SUCCESS
         checks = instance.all_logs(preset_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
         assert {e.dagster_event.event_specific_data.check_name for e in checks} == {
-            "baseline_scores_are_finite", "calibration_beats_baseline", "diversity_not_collapsed"}
+            "baseline_scores_are_finite", "calibrated_beats_baseline", "calibrated_not_worse_than_guidance_tuning",
+            "diversity_not_collapsed"}
         assert instance.get_dynamic_partitions("model") == ["toy"]
         assert instance.get_dynamic_partitions("reward") == ["world_score"]
         assert PARTITIONS.get_partition_keys(dynamic_partitions_store=instance) == ["toy|world_score"]
@@ -136,7 +150,7 @@ def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     home, _ = demo_home
     monkeypatch.setenv("CALIBRI_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))
-    from calibri_pipeline.assets.pipeline import PARTITIONED_ASSETS as ALL_ASSETS
+    from calibri_pipeline.assets import PARTITIONED_ASSETS as ALL_ASSETS
     from calibri_pipeline.assets.automation import _asset_config
     from calibri_pipeline.demo import SIZES
     from calibri_pipeline.resources import default_resources
@@ -161,9 +175,13 @@ def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     assert after[0] == before[0]  # same rows per table
     assert after[1] == before[1]  # same objects: images, embeddings, CMA-ES state, checkpoint files
     # and no duplicates by natural key
-    for table, key in (("images", "image_id"), ("scores", "image_id, reward"), ("prompts", "prompt_set, prompt_id"),
+    # (one image can serve two settings: a calibration that selected x0 shares the baseline's images)
+    for table, key in (("images", "image_id, calibration"), ("scores", "image_id, reward, calibration"),
+                       ("prompts", "prompt_set, prompt_id"),
                        ("cmaes_candidates", "run_id, generation, candidate"), ("cmaes_generations", "run_id, generation"),
-                       ("evaluations", "run_key, reward, calibration, nfe"), ("calibration_runs", "run_id"),
+                       ("evaluations", "run_key, reward, setting, nfe"), ("calibration_runs", "run_id"),
+                       ("comparisons", "run_key, reward, setting, reference"), ("tunings", "run_key, name"),
+                       ("image_cache", "image_key"),
                        ("diversity", "run_key, calibration, nfe, prompt_id")):
         dupes = cat.query(f"SELECT count(*) - count(DISTINCT ({key})) AS d FROM {table}").item()
         assert dupes == 0, (table, key)

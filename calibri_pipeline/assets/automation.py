@@ -9,24 +9,22 @@ from typing import Any
 import dagster as dg
 
 from calibri_pipeline.assets.common import MODEL_PARTITIONS, PARTITIONS, REWARD_PARTITIONS, check_reward_key
-from calibri_pipeline.assets.pipeline import (
-    PARTITIONED_ASSETS,
-    baseline_images,
-    baseline_scores,
-    calibrated_checkpoint,
-    calibration,
-    diversity,
-    evaluation,
-    paper_tables,
-    prompt_embeddings,
-    prompts,
-)
+from calibri_pipeline.assets.evaluation import diversity, evaluation
+from calibri_pipeline.assets.export import calibrated_checkpoint, paper_tables
 from calibri_pipeline.presets import PRESETS
 from calibri_pipeline.resources import CatalogResource, ObjectStoreResource
 
+def _partitioned():
+    from calibri_pipeline.assets import PARTITIONED_ASSETS
+
+    return PARTITIONED_ASSETS
+
+
+PARTITIONED_ASSETS = _partitioned()
 CONFIGURABLE = [a for a in PARTITIONED_ASSETS if a is not calibrated_checkpoint]
-RECALIBRATE = [prompts, prompt_embeddings, baseline_images, baseline_scores, calibration, evaluation, diversity,
-               calibrated_checkpoint]
+#: a new checkpoint runs the whole chain: every stage feeds the calibration (the sweep scales it, the
+#: alternatives may start it), and the image cache keeps what did not change
+RECALIBRATE = PARTITIONED_ASSETS
 DEFAULT_RECALIBRATION_REWARD = os.environ.get("CALIBRI_SENSOR_REWARD", "world_score")
 
 

@@ -1,15 +1,19 @@
-"""Small helpers shared by the assets: partitions, presets, markdown pictures, prompt sets."""
+"""What every asset shares: partitions, the config, the stage context (preset, backbone, cache), metadata helpers."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import dagster as dg
+from pydantic import Field
 
 from calibri_pipeline.presets import DEFAULT_PRESET, Preset, default_preset_for_model, get_preset
+from calibri_pipeline.rewards.names import OPTIMISABLE_REWARDS
 
 if TYPE_CHECKING:
     import polars as pl
@@ -18,7 +22,7 @@ if TYPE_CHECKING:
     from calibri_pipeline.storage.catalog import Catalog
 
 #: rewards a calibration can optimise: the keys a ``reward`` partition may have (checked by `partition`)
-REWARD_KEYS = ["world_score", "world_alignment", "world_quality", "hpsv3", "pickscore", "imagereward", "qalign", "clipscore"]
+REWARD_KEYS = list(OPTIMISABLE_REWARDS)
 
 MODEL_PARTITIONS = dg.DynamicPartitionsDefinition(name="model")
 # Rewards are dynamic too, not a static list of REWARD_KEYS: with a static dimension every model
@@ -47,6 +51,14 @@ def partition(context: dg.AssetExecutionContext) -> tuple[str, str, str]:
     keys = context.partition_key.keys_by_dimension
     model, reward = check_model_key(keys["model"]), check_reward_key(keys["reward"])
     return model, reward, f"{model}|{reward}"
+
+
+def check_run_key(context: dg.AssetCheckExecutionContext) -> str:
+    """The run_key of the one model x reward partition an asset check runs for."""
+    if not context.has_partition_key:
+        raise dg.Failure("this check runs on one model x reward partition; run it with its asset's partition")
+    keys = context.partition_key.keys_by_dimension
+    return f"{keys['model']}|{keys['reward']}"
 
 
 def resolve_preset(model: str, name: str | None, store=None, **overrides: Any) -> Preset:
@@ -107,3 +119,158 @@ def latest_calibration(catalog: "Catalog", model: str, reward: str) -> dict[str,
         [model, reward],
     )
     return None if df.height == 0 else df.row(0, named=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the config every asset takes, and the per-step context built from it
+# ------------------------------------------------------------------------------------------------
+
+GROUP = "calibri"
+
+
+class CalibriConfig(dg.Config):
+    """Options shared by every asset; empty fields take the preset's value (calibri_pipeline/presets.py)."""
+
+    preset: Optional[str] = Field(default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)")
+    n_train: Optional[int] = None
+    n_val: Optional[int] = None
+    n_test: Optional[int] = None
+    seeds: Optional[list[int]] = Field(default=None, description="noise seeds per test prompt")
+    val_seeds: Optional[list[int]] = Field(default=None, description="noise seeds per validation prompt")
+    calibration_steps: Optional[int] = None
+    default_steps: Optional[int] = None
+    generations: Optional[int] = None
+    popsize: Optional[int] = None
+    bucket_size: Optional[int] = None
+    val_every: Optional[int] = None
+    patience: Optional[int] = None
+    granularity: Optional[str] = None
+    n_models: Optional[int] = None
+    scaling: Optional[str] = Field(default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)")
+    weights: Optional[str] = Field(default=None, description="paper | guidance (the CFG pair searched as guidance x scale)")
+    start: Optional[str] = Field(default=None, description="stock | guidance-tuned (where CMA-ES starts)")
+    separable: Optional[bool] = None
+    probe_buckets: Optional[int] = None
+    target_gain: Optional[float] = None
+    max_val_seeds: Optional[int] = None
+    confirm_top: Optional[int] = None
+    alternatives: Optional[list[str]] = None
+    guidance_grid: Optional[list[float]] = None
+    slg_candidates: Optional[int] = None
+    slg_scales: Optional[list[float]] = None
+    nfe_list: Optional[list[int]] = None
+    ablation_prompts: Optional[int] = None
+    ablation_seeds: Optional[list[int]] = None
+    sweep_alphas: Optional[list[float]] = None
+    max_batch: Optional[int] = None
+    llm_rewrite: bool = Field(default=False, description="rewrite world prompts with the LLM (checked against their specs)")
+    warm_start_from: Optional[str] = Field(default=None, description="model key whose latest calibration seeds CMA-ES")
+
+
+class Stage:
+    """One asset step's context: its partition, preset, backbone (loaded once per process), image
+    cache, and evaluators over them; what every asset needs before its one call into the core."""
+
+    def __init__(self, context, config: CalibriConfig | None, catalog, object_store, compute=None) -> None:
+        self.context = context
+        self.model, self.reward, self.run_key = partition(context)
+        self.store = object_store.store
+        self.catalog = catalog.catalog
+        self.compute = compute
+        fields = {} if config is None else config.model_dump(exclude={"preset", "llm_rewrite", "warm_start_from"})
+        self.preset = resolve_preset(self.model, None if config is None else config.preset, self.store, **fields)
+        self.started = time.perf_counter()
+
+    def log(self, message: str) -> None:
+        self.context.log.info(message)
+
+    @cached_property
+    def backbone(self):
+        from calibri_pipeline.models import load_model
+
+        if self.compute is None:
+            raise RuntimeError("this asset did not ask for the compute resource")
+        backbone = load_model(self.model, self.store, device=str(self.compute.torch_device()), dtype=self.compute.dtype)
+        warm_text_cache(backbone, self.store, self.model, self.reward)
+        return backbone
+
+    @cached_property
+    def image_cache(self):
+        from calibri_pipeline.storage.image_cache import StoredImageCache
+
+        return StoredImageCache(self.store, self.catalog, self.model)
+
+    def prompts(self, split: str | None = None) -> list["Prompt"]:
+        return load_prompt_set(self.catalog, self.run_key, split)
+
+    def rewards(self, names: Sequence[str]) -> list:
+        from calibri_pipeline.rewards.registry import make_reward
+
+        return [make_reward(n) for n in dict.fromkeys(names)]
+
+    @property
+    def eval_reward_names(self) -> list[str]:
+        return list(dict.fromkeys([self.reward, *self.preset.eval_rewards]))
+
+    def space(self, granularity: str | None = None):
+        from calibri_pipeline.method.space import CalibrationSpace
+
+        return CalibrationSpace.from_transformer(self.backbone.transformer, granularity or self.preset.granularity)
+
+    def search(self, granularity: str | None = None, n_models: int = 1):
+        from calibri_pipeline.method.ensemble import SearchSpace
+
+        return SearchSpace.for_model(self.space(granularity), n_models, uses_cfg=bool(self.backbone.uses_cfg))
+
+    def evaluator(self, search, rewards, *, steps: int | None = None, guidance: float | None = None):
+        """An in-process evaluator reading and writing the pipeline's image cache, with a progress bar."""
+        from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+
+        sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=self.preset.max_batch)
+        return LocalEvaluator(self.backbone, search, rewards, sampling, cache=self.image_cache, model=self.model,
+                              progress=True)
+
+    def summary(self, what: str, evaluator=None) -> str:
+        """One line for the run log: what was done, how many images were made vs read, how long."""
+        line = f"{what} in {time.perf_counter() - self.started:.0f} s"
+        if evaluator is not None:
+            st = evaluator.stats
+            line += f" ({st.images} images: {st.generated} sampled, {st.cached} from the image cache)"
+        self.log(line)
+        return line
+
+
+def warm_text_cache(backbone, store, model: str, reward: str) -> None:
+    """Fill the backbone's text cache from the prompt_embeddings asset, when it was materialized."""
+    encoder = getattr(backbone, "text_encoder", None)
+    key = f"embeddings/{model}/{reward}.safetensors"
+    if encoder is None or not hasattr(encoder, "import_cache") or not store.exists(key):
+        return
+    texts = json.loads(store.get_safetensors_metadata(key)["texts"])
+    encoder.import_cache(texts, store.get_safetensors(key))
+
+
+def cells(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> tuple[list["Prompt"], list[int]]:
+    """Every (prompt, seed) pair, prompt-major: what the analyses call cells."""
+    return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
+
+
+def image_rows(stage: Stage, cell_prompts, cell_seeds, keys: Sequence[str], *, steps: int, guidance, calibration: str):
+    """``images`` rows for cached images, one per cell (keys from an Evaluation)."""
+    import polars as pl
+
+    rows = []
+    for p, seed, key in zip(cell_prompts, cell_seeds, keys):
+        uri = stage.image_cache.uri(key)
+        if uri is None:
+            raise RuntimeError(f"image {key} is not in the image cache (was the evaluator asked to store it?)")
+        rows.append(dict(image_id=key, run_key=stage.run_key, model=stage.model, prompt_id=p.prompt_id, seed=int(seed),
+                         steps=int(steps), guidance=None if guidance is None else float(guidance),
+                         calibration=calibration, uri=uri))
+    return pl.DataFrame(rows, schema_overrides={"guidance": pl.Float64})
+
+
+def grid_of(images, prompts, n: int = 16, stride: int = 1) -> bytes:
+    """A captioned grid of the first ``n`` cells (one seed per prompt with ``stride`` = seeds)."""
+    picked = images[: n * stride][::stride]
+    return image_grid_png(picked, [p.text for p in prompts[:n]])

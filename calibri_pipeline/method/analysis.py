@@ -284,6 +284,7 @@ def evaluate_settings(
             resolved[label] = (steps, guidance, search, search.check(setting.vector)[0])
 
     per_label: dict[str, dict[str, np.ndarray]] = {}
+    keys: dict[str, list[str]] = {}  # the image-cache key of every cell, per label
     groups: dict[tuple[int, float | None, int], list[str]] = {}
     for label, (steps, guidance, search, _) in resolved.items():
         groups.setdefault((steps, guidance, id(search)), []).append(label)
@@ -292,14 +293,16 @@ def evaluate_settings(
         ev = evaluator.with_search(search).with_sampling(steps=steps, guidance=guidance)
         tag = f"{len(labels)} setting(s) at {steps} steps, guidance {guidance:g}" if guidance is not None else None
         if search is None:  # the unmodified model: one evaluation serves every such label
-            scores = ev(None, cell_prompts, cell_seeds, label=tag).scores
+            result = ev(None, cell_prompts, cell_seeds, label=tag)
             for label in labels:
-                per_label[label] = {name: s[0] for name, s in scores.items()}
+                per_label[label] = {name: s[0] for name, s in result.scores.items()}
+                keys[label] = result.keys[0]
         else:
             population = torch.stack([resolved[label][3] for label in labels])
-            scores = ev(population, cell_prompts, cell_seeds, label=tag).scores
+            result = ev(population, cell_prompts, cell_seeds, label=tag)
             for i, label in enumerate(labels):
-                per_label[label] = {name: s[i] for name, s in scores.items()}
+                per_label[label] = {name: s[i] for name, s in result.scores.items()}
+                keys[label] = result.keys[i]
 
     def paired(label: str, ref: str, reward: str):
         return paired_difference_ci(per_label[label][reward], per_label[ref][reward], clusters=cluster_ids,
@@ -335,7 +338,7 @@ def evaluate_settings(
         matrix,
         cells,
         {"labels": list(settings), "reference": reference, "level": level, "clusters": clusters,
-         "comparisons": comparisons},
+         "comparisons": comparisons, "keys": keys, "cell_prompts": cell_prompts, "cell_seeds": cell_seeds},
     )
 
 

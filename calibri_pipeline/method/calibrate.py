@@ -63,6 +63,7 @@ class RewardObjective:
         reward_weights: Mapping[str, float] | None = None,
         val_seeds: Sequence[int] | None = None,
         seed: int | None = None,
+        per_prompt_seeds: Sequence[int] | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.train_prompts = list(train_prompts)
@@ -86,10 +87,20 @@ class RewardObjective:
         self.reward_weights = {n: float(reward_weights.get(n, 0.0)) for n in names}
         if not any(w != 0 for w in self.reward_weights.values()):
             raise ValueError("at least one reward weight must be non-zero")
-        if val_seeds is None and seed is None:
+        if val_seeds is not None and per_prompt_seeds is not None:
+            raise ValueError("give val_seeds (one per cell) or per_prompt_seeds (the same for every prompt), not both")
+        if val_seeds is None and per_prompt_seeds is None and seed is None:
             raise ValueError("give val_seeds (one per validation prompt and replicate) or the search seed")
         self.seed = seed
-        seeds = [int(s) for s in val_seeds] if val_seeds is not None else validation_seeds(seed, len(self.val_base))
+        self.per_prompt_seeds = None if per_prompt_seeds is None else [int(s) for s in per_prompt_seeds]
+        if self.per_prompt_seeds is not None:
+            if not self.per_prompt_seeds or len(set(self.per_prompt_seeds)) != len(self.per_prompt_seeds):
+                raise ValueError(f"per_prompt_seeds must be distinct ints, got {per_prompt_seeds!r}")
+            seeds = self._per_prompt(len(self.per_prompt_seeds))
+        elif val_seeds is not None:
+            seeds = [int(s) for s in val_seeds]
+        else:
+            seeds = validation_seeds(seed, len(self.val_base))
         if not seeds or len(seeds) % len(self.val_base):
             raise ValueError(
                 f"need one validation seed per validation prompt (and replicate): {len(self.val_base)} prompts, "
@@ -110,11 +121,21 @@ class RewardObjective:
     def n_val_items(self) -> int:
         return len(self.val_base)
 
+    def _per_prompt(self, k: int) -> list[int]:
+        """Cell seeds (replicate after replicate) for ``k`` seeds per prompt: the given ones, then the next ints."""
+        values = list(self.per_prompt_seeds)
+        while len(values) < k:
+            values.append(max(values) + 1)
+        return [s for s in values[:k] for _ in self.val_base]
+
     def resize_validation(self, seeds_per_prompt: int) -> int:
         """Validate on ``seeds_per_prompt`` seeds per validation prompt from now on; returns the image count."""
-        if self.seed is None:
+        if self.per_prompt_seeds is not None:
+            self._set_validation(self._per_prompt(seeds_per_prompt))
+        elif self.seed is None:
             raise ValueError("resizing validation needs the search seed (RewardObjective(seed=...))")
-        self._set_validation(validation_seeds(self.seed, len(self.val_base), seeds_per_prompt))
+        else:
+            self._set_validation(validation_seeds(self.seed, len(self.val_base), seeds_per_prompt))
         return len(self.val_seeds)
 
     def _scores(self, vectors: np.ndarray, prompts: Sequence["Prompt"], seeds: Sequence[int], *, store: bool) -> PopulationScores:
@@ -138,7 +159,10 @@ class RewardObjective:
         if self.seed is None:
             raise ValueError("confirming needs the search seed (RewardObjective(seed=...))")
         k = len(self.val_seeds) // len(self.val_base)
-        seeds = confirmation_seeds(self.seed, len(self.val_base), k)
+        if self.per_prompt_seeds is not None:  # fresh per-prompt seeds far from any the pipeline uses elsewhere
+            seeds = [CONFIRM_SEED_BASE + r for r in range(k) for _ in self.val_base]
+        else:
+            seeds = confirmation_seeds(self.seed, len(self.val_base), k)
         return self._scores(vectors, [p for _ in range(k) for p in self.val_base], seeds, store=True)
 
     def describe(self) -> dict[str, Any]:
@@ -155,6 +179,10 @@ class RewardObjective:
             "guidance": ev.sampling.guidance,
             "n_models": 1 if search is None else search.n_models,
         }
+
+
+#: per-prompt seeds of the confirmation re-scoring start here (validation and test use small ones)
+CONFIRM_SEED_BASE = 1_000_000
 
 
 def confirmation_seeds(seed: int, n_items: int, seeds_per_prompt: int = 1) -> list[int]:
@@ -241,6 +269,7 @@ def calibrate(
     warm_start: "Sequence[float] | np.ndarray | torch.Tensor | None" = None,
     config: SearchConfig | None = None,
     val_seeds: Sequence[int] | None = None,
+    val_seeds_per_prompt: Sequence[int] | None = None,
     store: StateStore | None = None,
     run_name: str = "calibration",
     resume: bool = True,
@@ -260,7 +289,9 @@ def calibrate(
     ``reward_weights`` (default: weight 1 for a single reward; rewards with
     ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
     (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
-    part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's.
+    part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's. Validation
+    cells: ``val_seeds`` (one per cell) or ``val_seeds_per_prompt`` (every validation prompt with each
+    seed; the noise probe extends them with the next integers), else seeds drawn from the search seed.
     ``pool`` makes the images on Ray workers (default: in-process); ``cache`` keeps validation
     images for later assets. ``initial_stds`` are per-coordinate initial deviations in the search's
     coordinates (see :mod:`calibri_pipeline.method.scaling`); ``guidance_coordinates`` searches the
@@ -299,7 +330,7 @@ def calibrate(
     evaluator = (LocalEvaluator(backbone, search, rewards, sampling, **options) if pool is None
                  else pool.evaluator(backbone, search, rewards, sampling, **options))
     objective = RewardObjective(evaluator, train_prompts, val_prompts, reward_weights=reward_weights,
-                                val_seeds=val_seeds, seed=config.seed)
+                                val_seeds=val_seeds, seed=config.seed, per_prompt_seeds=val_seeds_per_prompt)
     run = CalibrationRun(objective, x0, lower, upper, config, store=store, run_name=run_name,
                          on_generation=on_generation, resume=resume, names=names, initial_stds=initial_stds,
                          decode=(lambda z: np.array(decode(z))) if decode is not None else None)

@@ -229,20 +229,26 @@ def vector_digest(search: SearchSpace, vector: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def is_unmodified(search: SearchSpace, vector: torch.Tensor, guidance: float | None) -> bool:
-    """True when the vector makes *bitwise* the unmodified model's image (so both share a cache entry).
+def unmodified_guidance(search: SearchSpace, vector: torch.Tensor, guidance: float | None) -> float | None | bool:
+    """The guidance at which ``vector`` makes *bitwise* the unmodified model's image, or False.
 
-    That holds for x0 of one model (all-ones coefficients, weight 1; the hooks are skipped) and of the
-    CFG pair (weights ``g, 1 - g``: the sampler writes plain CFG as that very sum), not for ensembles
-    whose members sum to the base model only up to rounding.
+    That holds for x0 of one model (all-ones coefficients, weight 1: the hooks are skipped; at the
+    sampling guidance) and for the CFG pair with all-ones coefficients and weights ``a, 1 - a`` (the
+    sampler writes plain CFG at guidance ``a`` as that very sum), not for ensembles whose members sum
+    to the base model only up to rounding. Such vectors share the unmodified model's cache entries.
     """
-    if search.layout.mode not in ("single", "cfg"):
+    layout = search.layout
+    vec = vector.to(torch.float32)
+    n_coef = layout.n_models * layout.size
+    if layout.mode not in ("single", "cfg") or not bool((vec[:n_coef] == 1).all()):
         return False
-    try:
-        x0 = search.check(search.x0(guidance))[0]
-    except ValueError:
+    weights = vec[n_coef:]
+    if layout.mode == "single":
+        return guidance if float(weights[0]) == 1.0 else False
+    if layout.n_models != 2:
         return False
-    return bool(torch.equal(vector.to(torch.float32), x0))
+    a = float(weights[0])
+    return a if float(weights[1]) == float(torch.tensor(1.0 - a, dtype=torch.float32)) else False
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,7 @@ class ImageJob:
     vector: torch.Tensor | None
     key: str
     vector_id: str  # "baseline" or the vector's digest
+    guidance: float | None = None  # the unmodified model's guidance (None: the sampling settings')
 
     @property
     def text(self) -> str:
@@ -367,7 +374,8 @@ class PopulationEvaluator:
     ) -> None:
         self.backbone = backbone
         self.search = search
-        self.rewards = as_reward_list(rewards)
+        # no rewards: the evaluator only makes (and caches) images
+        self.rewards = [] if isinstance(rewards, (list, tuple)) and not rewards else as_reward_list(rewards)
         self.sampling = (sampling or SamplingSettings()).resolved(backbone)
         self.cache = cache
         self.model = model or getattr(backbone, "name", type(backbone).__name__)
@@ -451,12 +459,14 @@ class PopulationEvaluator:
 
     def _job(self, vector: torch.Tensor | None, prompt: "Prompt", seed: int) -> ImageJob:
         guidance = self.sampling.guidance
-        if vector is not None and is_unmodified(self.search, vector, guidance):
-            vector = None
+        if vector is not None:
+            at = unmodified_guidance(self.search, vector, guidance)
+            if at is not False:  # the unmodified model's very image: one cache entry for both
+                vector, guidance = None, at
         vector_id = "baseline" if vector is None else vector_digest(self.search, vector)
         text = prompt.text if hasattr(prompt, "text") else str(prompt)
         key = image_key(self.identity, text, seed, self.sampling.steps, guidance, vector_id)
-        return ImageJob(prompt, int(seed), vector, key, vector_id)
+        return ImageJob(prompt, int(seed), vector, key, vector_id, None if vector is not None else guidance)
 
     def _scored(
         self, jobs: Sequence[ImageJob], *, store: bool, keep_images: bool, bar: Any
@@ -489,7 +499,7 @@ class PopulationEvaluator:
                 ident = _digest(self.identity)[:12]
                 self.cache.put([
                     CachedImage(j.key, images[j.key], self.model, ident, j.prompt, j.seed, self.sampling.steps,
-                                self.sampling.guidance, j.vector_id,
+                                j.guidance if j.guidance is not None else self.sampling.guidance, j.vector_id,
                                 None if j.vector is None else [float(v) for v in j.vector])
                     for j in todo
                 ])
@@ -522,16 +532,18 @@ def make_and_score(
     """Sample ``jobs`` through the backbone's loop, quantise to 8 bits, score: the work every evaluator
     does for images it has not got (in this process, or inside a Ray worker)."""
     out: list[torch.Tensor | None] = [None] * len(jobs)
-    # the unmodified model's images and the calibrated ones are two sampler calls
-    for calibrated in (False, True):
-        index = [i for i, j in enumerate(jobs) if (j.vector is not None) == calibrated]
-        if not index:
-            continue
+    # one sampler call per kind: the calibrated images, and the unmodified model's at each guidance
+    groups: dict[Any, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault("calibrated" if j.vector is not None else ("baseline", j.guidance), []).append(i)
+    for kind, index in groups.items():
         group = [jobs[i] for i in index]
+        calibrated = kind == "calibrated"
         group_search = search if calibrated else None
         vectors = torch.stack([j.vector for j in group]) if calibrated else None
-        batch = resolve_max_batch(backbone, group_search, group[0].prompt, settings)
-        images = backbone.sample([j.text for j in group], [j.seed for j in group], settings.with_(max_batch=batch),
+        group_settings = settings if calibrated or kind[1] is None else settings.with_(guidance=kind[1])
+        batch = resolve_max_batch(backbone, group_search, group[0].prompt, group_settings)
+        images = backbone.sample([j.text for j in group], [j.seed for j in group], group_settings.with_(max_batch=batch),
                                  group_search, vectors, progress=progress)
         for i, img in zip(index, images):
             out[i] = img
@@ -635,7 +647,7 @@ __all__ = [
     "SAMPLER_VERSION",
     "image_key",
     "vector_digest",
-    "is_unmodified",
+    "unmodified_guidance",
     "quantize_8bit",
     "score_images",
     "make_and_score",

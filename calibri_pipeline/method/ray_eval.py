@@ -158,8 +158,8 @@ class PopulationWorker:
             search = SearchSpace(space, EnsembleLayout(**request["layout"]))
         vectors = request["vectors"]
         jobs = [
-            ImageJob(prompt, seed, None if vectors is None or vectors[i] is None else torch.from_numpy(vectors[i]), "", "")
-            for i, (prompt, seed) in enumerate(zip(request["prompts"], request["seeds"]))
+            ImageJob(prompt, seed, None if vectors[i] is None else torch.from_numpy(vectors[i]), "", "", guidance)
+            for i, (prompt, seed, guidance) in enumerate(zip(request["prompts"], request["seeds"], request["guidances"]))
         ]
         scores, images = make_and_score(self.backbone, search, jobs, request["sampling"], rewards)
         uint8 = None if not request["want_images"] else (images * 255.0).round().to(torch.uint8).numpy()
@@ -384,6 +384,7 @@ class RayWorkerPool:
         def request(chunk: int) -> dict[str, Any]:
             part = jobs[int(bounds[chunk]) : int(bounds[chunk + 1])]
             return dict(common, prompts=[j.prompt for j in part], seeds=[j.seed for j in part],
+                        guidances=[j.guidance for j in part],
                         vectors=[None if j.vector is None else j.vector.numpy() for j in part])
 
         def done(chunk: int) -> None:

@@ -31,7 +31,6 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from calibri_pipeline.prompts.base import Prompt
-from calibri_pipeline.prompts.loaders import split_prompts  # noqa: F401  re-exported for assets/pipeline.py until it moves
 
 SMOLLM2 = "smollm2"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -369,10 +368,3 @@ def generate_topic_prompts(
         depth += 1
     return out
 
-
-def __getattr__(name: str) -> Any:  # rewrite_world_prompts re-exported (lazily) for assets/pipeline.py until it moves
-    if name == "rewrite_world_prompts":
-        from calibri_pipeline.prompts.world_rewrite import rewrite_world_prompts
-
-        return rewrite_world_prompts
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ import torch
 
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import Reward, check_scores
+from calibri_pipeline.rewards.names import OPTIMISABLE_REWARDS, PAPER_EVAL_REWARDS, WORLD_REWARD_NAMES  # noqa: F401
 
 #: name -> "module:attribute" of the class implementing it
 KNOWN_REWARDS: dict[str, str] = {

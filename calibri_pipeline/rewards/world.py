@@ -108,4 +108,4 @@ class WorldScore(_WorldReward):
         return f"WorldScore(alignment_weight={self.alignment_weight:g}, quality_weight={self.quality_weight:g})"
 
 
-WORLD_REWARDS = {cls.name: cls for cls in (WorldAlignment, WorldAccuracy, WorldQuality, WorldScore)}
+WORLD_REWARD_CLASSES = {cls.name: cls for cls in (WorldAlignment, WorldAccuracy, WorldQuality, WorldScore)}

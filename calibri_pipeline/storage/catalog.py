@@ -272,6 +272,25 @@ TABLES: dict[str, Table] = {
             ("run_key",),
         ),
         Table(
+            "tunings",
+            "The alternatives a user tries before Calibri, tuned on the validation prompts (the grid's best).",
+            (
+                Column("run_key", "VARCHAR", _RUN_KEY, True),
+                Column("model", "VARCHAR", "model name", True),
+                Column("reward", "VARCHAR", "reward the grid was judged by", True),
+                Column("name", "VARCHAR", "`guidance-tuned` or `slg-tuned`", True),
+                Column("label", "VARCHAR", "the chosen grid point", True),
+                Column("steps", "INTEGER", "sampling steps it was tuned at", True),
+                Column("guidance", "DOUBLE", "guidance scale of the chosen setting"),
+                Column("vector", "DOUBLE[]", "its Calibri vector (skip-layer guidance as a 3-member ensemble), NULL for the unmodified model"),
+                Column("params", "JSON", "what was chosen (guidance; blocks skipped and scale)"),
+                Column("val_mean", "DOUBLE", "validation mean reward of the chosen setting", True),
+                Column("grid", "JSON", "every grid point: label, mean, CI, paired delta to the untuned model"),
+                _created_at(),
+            ),
+            ("run_key",),
+        ),
+        Table(
             "comparisons",
             "Paired differences on the same test prompts and noise: each setting against a reference setting.",
             (

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 
-#: the embedded world's evaluation rewards, in the order they are shown (the headline score first)
-WORLD_REWARD_COLUMNS = ("world_score", "world_alignment", "world_accuracy", "world_quality")
-#: evaluation rewards of real models that become table columns next to the embedded world's
-REAL_REWARD_COLUMNS = ("hpsv3", "imagereward", "qalign", "pickscore", "clipscore")
+from calibri_pipeline.rewards.names import REAL_REWARD_NAMES, WORLD_REWARD_NAMES
 
 
 def paper_tables_from_catalog(cat) -> dict:
@@ -28,11 +25,13 @@ def paper_tables_from_catalog(cat) -> dict:
         pl.col("config").str.json_path_match("$.preset.default_steps").cast(pl.Int64).alias("default_nfe"),
         pl.col("config").str.json_path_match("$.preset.calibration_steps").cast(pl.Int64).alias("low_nfe"),
     ).drop("config")
-    evals = cat.query("SELECT run_key, model, reward, calibrated, nfe, mean FROM evaluations").with_columns(
+    evals = cat.query("SELECT run_key, model, reward, calibrated, setting, nfe, mean FROM evaluations").with_columns(
         pl.col("run_key").str.split("|").list.get(1).alias("optimised"))
     joined = evals.join(steps, on=["model", "optimised"])
-    picked = joined.filter((~pl.col("calibrated") & (pl.col("nfe") == pl.col("default_nfe")))
-                           | (pl.col("calibrated") & (pl.col("nfe") == pl.col("low_nfe"))))
+    # the paper's rows: the unmodified model at its default NFE, Calibri at the calibration NFE
+    # (the tuned alternatives are evaluations too, shown by `calibri tables headline`)
+    baseline = (pl.col("setting") == "baseline") & ~pl.col("calibrated") & (pl.col("nfe") == pl.col("default_nfe"))
+    picked = joined.filter(baseline | (pl.col("calibrated") & (pl.col("nfe") == pl.col("low_nfe"))))
     wide = picked.pivot(on="reward", index=["model", "optimised", "calibrated", "nfe"], values="mean").sort(
         "model", "optimised", "calibrated")
     table2 = wide.with_columns(pl.when(pl.col("calibrated")).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("calibri"))
@@ -46,7 +45,7 @@ def paper_tables_from_catalog(cat) -> dict:
 
 
 def _ordered(table: pl.DataFrame) -> pl.DataFrame:
-    known = [c for c in (*WORLD_REWARD_COLUMNS, *REAL_REWARD_COLUMNS) if c in table.columns]
+    known = [c for c in (*WORLD_REWARD_NAMES, *REAL_REWARD_NAMES) if c in table.columns]
     rewards = known + sorted(c for c in table.columns if c.startswith("world") and c not in known)
     extra = [c for c in ("diversity",) if c in table.columns]
     return table.select(["model", "calibri", "optimised", *rewards, *extra, "nfe"])

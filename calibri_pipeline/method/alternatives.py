@@ -1,0 +1,152 @@
+"""The alternatives a user tries before Calibri, tuned on validation prompts like Calibri is.
+
+- **guidance-tuned**: the unmodified model at the best classifier-free guidance scale of a grid
+  (at the calibration NFE). Rewards that like strong guidance make this a strong baseline for any
+  guidance-like method, and the CFG ensemble's weights *are* the guidance: Calibri must beat it.
+- **skip-layer guidance (SLG)**, as diffusers' ``SkipLayerGuidance``: standard CFG plus
+  ``s * (v_cond - v_cond_skip)``, where ``v_cond_skip`` is the conditional pass with some blocks
+  skipped. The paper notes that a Calibri ensemble generalises it, and here it *is* one: the CFG
+  layout with a third (conditional) member whose coefficients are 0 on the skipped blocks, weights
+  ``g + s, 1 - g, -s`` (:func:`slg_vector`). Blocks and scale are chosen on validation.
+- **more steps**: the baseline at a higher NFE needs no tuning (the NFE study).
+
+Each tuner scores its grid with one evaluator on the same validation cells and returns the best
+setting with its table; the choice is the highest mean (what a user comparing settings does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from calibri_pipeline.method.analysis import Setting, evaluate_settings
+from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from calibri_pipeline.method.population import PopulationEvaluator
+    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.prompts.base import Prompt
+
+DEFAULT_GUIDANCE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0)
+DEFAULT_SLG_SCALES = (0.5, 1.0, 2.0)
+
+
+@dataclass
+class Tuned:
+    """The best setting of a grid on validation, and the grid's table (one row per candidate)."""
+
+    name: str
+    label: str  # the chosen candidate's label in ``table``
+    setting: Setting
+    val_mean: float
+    table: "pl.DataFrame"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        vector = self.setting.vector
+        return {"name": self.name, "label": self.label, "val_mean": self.val_mean, "params": self.params,
+                "steps": self.setting.steps, "guidance": self.setting.guidance,
+                "vector": None if vector is None else [float(v) for v in torch.as_tensor(vector).reshape(-1)]}
+
+
+def _best(result, reward: str) -> tuple[str, float]:
+    t = result.table.filter(result.table["reward"] == reward)
+    row = t.sort(["mean", "label"], descending=[True, False]).row(0, named=True)
+    return row["label"], float(row["mean"])
+
+
+def tune_guidance(
+    evaluator: "PopulationEvaluator",
+    prompts: Sequence["Prompt"],
+    seeds: Sequence[int],
+    *,
+    grid: Sequence[float] = DEFAULT_GUIDANCE_GRID,
+    steps: int | None = None,
+    reward: str | None = None,
+) -> Tuned:
+    """The unmodified model at every guidance scale of ``grid`` (plus the default), best by mean ``reward``."""
+    default = float(evaluator.sampling.guidance)
+    values = sorted({float(g) for g in grid} | {default})
+    settings = {f"guidance {g:g}": Setting(None, steps=steps, guidance=g) for g in values}
+    reference = f"guidance {default:g}"
+    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
+    reward = reward or evaluator.rewards[0].name
+    label, mean = _best(result, reward)
+    chosen = settings[label]
+    return Tuned("guidance-tuned", label, chosen, mean, result.table, {"guidance": chosen.guidance, "default": default})
+
+
+def slg_search(space: "CalibrationSpace") -> SearchSpace:
+    """The CFG layout with a third member: what skip-layer guidance is as a Calibri ensemble."""
+    return SearchSpace(space, EnsembleLayout(space.size, 3, cfg=True))
+
+
+def slg_vector(space: "CalibrationSpace", skip: Sequence[int], guidance: float, scale: float) -> torch.Tensor:
+    """Skip-layer guidance in the 3-member CFG layout: CFG at ``guidance`` + ``scale`` x (cond - cond with ``skip`` bypassed)."""
+    if not skip:
+        raise ValueError("skip-layer guidance needs at least one coefficient to skip")
+    if any(not 0 <= int(i) < space.size for i in skip):
+        raise ValueError(f"skip indices must be in [0, {space.size}), got {list(skip)}")
+    search = slg_search(space)
+    coefficients = torch.ones(3, space.size, dtype=torch.float64)
+    coefficients[2, [int(i) for i in skip]] = 0.0
+    g, s = float(guidance), float(scale)
+    return search.layout.join(coefficients, torch.tensor([g + s, 1.0 - g, -s]))
+
+
+def slg_layer_candidates(ablation: "pl.DataFrame", count: int = 3) -> list[tuple[int, ...]]:
+    """Blocks to try skipping: the ``count`` whose bypass hurts least (the block ablation, Fig. 3a),
+    each alone (diffusers' SLG skips a few middle blocks of SD-3.5; this model's own ablation says
+    which of its blocks the model leans on least)."""
+    rows = ablation.sort("delta", descending=True)
+    return [(int(i),) for i in rows["index"].to_list()[:count]]
+
+
+def tune_slg(
+    evaluator: "PopulationEvaluator",
+    space: "CalibrationSpace",
+    prompts: Sequence["Prompt"],
+    seeds: Sequence[int],
+    *,
+    layer_sets: Sequence[Sequence[int]],
+    scales: Sequence[float] = DEFAULT_SLG_SCALES,
+    guidance: float | None = None,
+    steps: int | None = None,
+    reward: str | None = None,
+) -> Tuned:
+    """Skip-layer guidance over ``layer_sets`` x ``scales`` (at the model's guidance), best by mean ``reward``."""
+    if not evaluator.backbone.uses_cfg:
+        raise ValueError("skip-layer guidance is defined for models with classifier-free guidance")
+    if not layer_sets:
+        raise ValueError("tune_slg needs at least one set of blocks to skip")
+    g = float(evaluator.sampling.guidance if guidance is None else guidance)
+    search = slg_search(space)
+    settings = {"cfg (no SLG)": Setting(None, steps=steps, guidance=g)}
+    params = {}
+    for skip in layer_sets:
+        for s in scales:
+            label = f"skip {','.join(space.names[i] for i in skip)} x{s:g}"
+            settings[label] = Setting(slg_vector(space, skip, g, s), steps=steps, guidance=g, search=search)
+            params[label] = {"skip": [int(i) for i in skip], "skip_names": [space.names[i] for i in skip],
+                             "scale": float(s), "guidance": g}
+    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference="cfg (no SLG)")
+    reward = reward or evaluator.rewards[0].name
+    label, mean = _best(result, reward)
+    return Tuned("slg-tuned", label, settings[label], mean, result.table, params.get(label, {"skip": [], "scale": 0.0}))
+
+
+__all__ = [
+    "Tuned",
+    "tune_guidance",
+    "tune_slg",
+    "slg_vector",
+    "slg_search",
+    "slg_layer_candidates",
+    "DEFAULT_GUIDANCE_GRID",
+    "DEFAULT_SLG_SCALES",
+]
