@@ -157,6 +157,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        **arguments)
     stage("calibration", t0)
 
+    if args.no_test:  # choosing between configurations: validation only, the test split stays untouched
+        summary = {"preset": preset.to_dict(), "calibration": dict(result.to_dict(), noise=result.search.noise,
+                   confirmation=result.search.confirmation, initial_stds=arguments.get("initial_stds")),
+                   "tunings": tunings, "timings_s": timings, "wall_s": round(time.perf_counter() - started, 1)}
+        (out / "result.json").write_text(json.dumps(summary, indent=2, default=float))
+        print(json.dumps({k: summary["calibration"][k] for k in ("val_score", "baseline_val_score", "confirmation")},
+                         indent=2, default=float))
+        return summary
+
     t0 = time.perf_counter()
     search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg)
     settings, references = comparison_settings(preset, backbone, calibri=(search, result.vector.tolist(), arguments["guidance"]),
@@ -243,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the search's seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-test", action="store_true",
+                        help="stop after the calibration (validation only: for choosing between configurations)")
     args = parser.parse_args(argv)
     try:
         run(args)

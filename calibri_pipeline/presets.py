@@ -92,7 +92,8 @@ class Preset:
         for key in ("seeds", "val_seeds", "eval_rewards", "nfe_list", "ablation_seeds", "sweep_alphas", "alternatives",
                     "guidance_grid", "slg_scales"):
             if key in clean:
-                clean[key] = tuple(clean[key])
+                value = clean[key]
+                clean[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         return replace(self, **clean)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from calibri_pipeline.recipes import setting_label
 def _fmt(mean: float | None, low: float | None, high: float | None) -> str:
     if mean is None:
         return ""
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if low is not None else f"{mean:.3f}"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]" if low is not None else f"{mean:+.3f}"
 
 
 #: what the `calibration` column of images/evaluations rows holds for each setting (Calibri: its run id)
@@ -54,7 +54,8 @@ def headline_table(evaluations: pl.DataFrame, comparisons: pl.DataFrame, reward:
         if row.height == 0:
             continue
         r = row.row(0, named=True)
-        out = {"setting": label, "guidance": r.get("guidance"), reward: f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"}
+        ci = f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
+        out = {"setting": label, "guidance": r.get("guidance"), reward: f"{r['mean']:.3f}{ci}"}
         for ref, title in references:
             c = comparisons.filter((pl.col("reward") == reward) & (pl.col("setting") == label) & (pl.col("reference") == ref))
             out[title] = _fmt(*c.select("delta", "ci_low", "ci_high").row(0)) if c.height else ("-" if label == ref else "")

@@ -1,9 +1,11 @@
-"""``calibri tables``: the paper's Tables 2, 6 and 7 from the catalog, read-only.
+"""``calibri tables``: the paper's Tables 2, 6 and 7 and the headline comparison, from the catalog, read-only.
 
 Table 2: baseline at its default NFE and calibrated at its calibration NFE, one column per
 evaluation reward; Table 6: the same with per-prompt diversity; Table 7: which reward was optimised
 (``-`` = the baseline) against every evaluation reward, the reward-hacking view. Run the demo with
-several ``--reward`` values into one home to get more than one optimised row.
+several ``--reward`` values into one home to get more than one optimised row. ``headline``: per
+calibrated partition, Calibri beside the baseline (same and twice the NFE, the default NFE) and
+the tuned alternatives (guidance, skip-layer guidance) at the calibration NFE, with paired CIs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from calibri_pipeline.storage.catalog import Catalog, CatalogError
 from calibri_pipeline.storage.paper_tables import paper_tables_from_catalog
 from calibri_pipeline.storage.paths import default_catalog_path
 
-TABLES = ("table2", "table6", "table7")
+TABLES = ("headline", "table2", "table6", "table7")
 RENDER = {"table": _to_table, "csv": _to_csv, "json": _to_json}
 
 
@@ -27,7 +29,32 @@ def render_tables(catalog_path, names: Sequence[str] = TABLES, fmt: str = "table
     tables = paper_tables_from_catalog(catalog)
     if not tables:
         raise ValueError("the catalog has no finished calibration with an evaluation yet (run `calibri demo` first)")
+    tables["headline"] = headline_tables(catalog)
     return "\n".join(f"## {name}\n{RENDER[fmt](tables[name])}" for name in names)
+
+
+def headline_tables(catalog: Catalog):
+    """:func:`calibri_pipeline.report.headline_table` of every finished calibration, one block of rows each."""
+    import json
+
+    import polars as pl
+
+    from calibri_pipeline.report import headline_table
+
+    runs = catalog.query("SELECT model, reward, config FROM calibration_runs WHERE status = 'finished' ORDER BY model, reward")
+    parts = []
+    for model, reward, config in runs.iter_rows():
+        preset = json.loads(config).get("preset", {})
+        key = f"{model}|{reward}"
+        evals = catalog.query("SELECT * FROM evaluations WHERE run_key = ?", [key])
+        comps = catalog.query("SELECT * FROM comparisons WHERE run_key = ?", [key])
+        if evals.height == 0 or "calibration_steps" not in preset:
+            continue
+        table = headline_table(evals, comps, reward, preset["calibration_steps"], preset["default_steps"])
+        parts.append(table.rename({reward: "mean"}).with_columns(pl.lit(model).alias("model"), pl.lit(reward).alias("reward")))
+    if not parts:
+        return pl.DataFrame({"model": [], "reward": []})
+    return pl.concat(parts, how="diagonal_relaxed").select(["model", "reward", *[c for c in parts[0].columns if c not in ("model", "reward")]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

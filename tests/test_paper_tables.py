@@ -89,3 +89,17 @@ def test_cli_prints_tables_and_refuses_unknown_names(catalog_path: Path, capsys:
         main(["table9", "--catalog", str(catalog_path)])
     assert main(["--catalog", str(catalog_path.parent / "missing.duckdb")]) == 1
     assert "no catalog" in capsys.readouterr().err
+
+
+def test_headline_shows_calibri_beside_the_alternatives(catalog_path: Path) -> None:
+    from calibri_pipeline.tables_cli import headline_tables
+
+    catalog = Catalog(catalog_path)
+    comps = pl.DataFrame({"model": "toy", "reward": "world_score", "nfe": 4, "setting": "calibri@4",
+                          "reference": "baseline@4", "delta": 0.22, "ci_low": 0.2, "ci_high": 0.24, "n": 8})
+    catalog.replace("comparisons", comps, {"run_key": "toy|world_score"})
+    table = headline_tables(catalog)
+    mine = table.filter((pl.col("reward") == "world_score"))
+    assert mine["setting"].to_list() == ["baseline@4", "baseline@30", "calibri@4"]
+    assert mine.filter(pl.col("setting") == "calibri@4")["vs baseline (same NFE)"].item() == "+0.220 [+0.200, +0.240]"
+    assert "## headline" in render_tables(catalog_path, ["headline"])

@@ -406,7 +406,9 @@ def _strategy_digest(es: Any, rng: _PrivateNumpyRandom) -> str:
     parts = [
         np.asarray(es.mean, dtype=np.float64).tobytes(),
         np.float64(es.sigma).tobytes(),
-        np.asarray(es.sm.C, dtype=np.float64).tobytes(),
+        # the full sampler keeps C; the separable one (CMA_diagonal) a constant sampler and per-coordinate scales
+        np.asarray(getattr(es.sm, "C", None) if hasattr(es.sm, "C") else es.sm.covariance_matrix, dtype=np.float64).tobytes(),
+        np.asarray(getattr(getattr(es, "sigma_vec", None), "scaling", 1.0), dtype=np.float64).tobytes(),
         np.asarray(es.pc, dtype=np.float64).tobytes(),
         np.asarray(getattr(es.adapt_sigma, "ps", np.zeros(1)), dtype=np.float64).tobytes(),
         np.array([es.countiter, es.countevals], dtype=np.int64).tobytes(),

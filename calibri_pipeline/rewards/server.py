@@ -155,7 +155,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m calibri_pipeline.rewards.server", description="Serve one calibri reward over HTTP."
+        prog="calibri serve-reward", description="Serve one calibri reward over HTTP (also: python -m calibri_pipeline.rewards.server)."
     )
     parser.add_argument("--reward", required=True, help="a make_reward spec: name, 'pkg.module:attr' or weighted sum")
     parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the reward")
