@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from calibri_pipeline.method.state_store import LocalStateStore
     from calibri_pipeline.models import load_model
     from calibri_pipeline.presets import get_preset
-    from calibri_pipeline.prompts.sets import build_prompt_set
+    from calibri_pipeline.prompt_sets import build_prompt_set
     from calibri_pipeline.recipes import calibration_arguments, comparison_settings, search_config
     from calibri_pipeline.report import evaluation_frames, headline_table, setting_means
     from calibri_pipeline.rewards.names import WORLD_REWARD_NAMES

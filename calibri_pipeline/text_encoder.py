@@ -95,7 +95,7 @@ class MiniLMTextEncoder:
         self.model.eval()
         self.model.requires_grad_(False)
         # from_pretrained leaves the weights in unaligned mmap memory, where CPU kernels round differently
-        from calibri_pipeline.backbones.base import realign_cpu_weights
+        from calibri_pipeline.tensors import realign_cpu_weights
 
         realign_cpu_weights([self.model])
         if self.model.config.hidden_size != HIDDEN_SIZE:
@@ -112,7 +112,7 @@ class MiniLMTextEncoder:
 
     def identity(self) -> dict[str, object]:
         """What determines this encoder's embeddings (for image caches)."""
-        from calibri_pipeline.backbones.base import weights_fingerprint
+        from calibri_pipeline.tensors import weights_fingerprint
 
         if not hasattr(self, "_fingerprint"):
             self._fingerprint = weights_fingerprint(self.model)

@@ -16,7 +16,7 @@ def prompts(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: C
     """Train / val / test prompts: the embedded world's grammar (optionally LLM-rewritten) or a prompt file."""
     import polars as pl
 
-    from calibri_pipeline.prompts.sets import build_prompt_set
+    from calibri_pipeline.prompt_sets import build_prompt_set
 
     stage = Stage(context, config, catalog, object_store)
     prompt_list = build_prompt_set(stage.preset, llm_rewrite=config.llm_rewrite, log=stage.log)

@@ -48,13 +48,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from calibri_pipeline.backbones.base import (
-    SamplingBackbone,
-    positive_int,
-    realign_cpu_weights,
-    seeded_noise,
-    weights_fingerprint,
-)
+from calibri_pipeline.backbones.base import SamplingBackbone, positive_int, seeded_noise
+from calibri_pipeline.tensors import realign_cpu_weights, weights_fingerprint
 
 if TYPE_CHECKING:
     from calibri_pipeline.method.space import CalibrationSpace

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from calibri_pipeline.backbones.base import SamplingBackbone, seeded_noise, weights_fingerprint
+from calibri_pipeline.backbones.base import SamplingBackbone, seeded_noise
+from calibri_pipeline.tensors import weights_fingerprint
 
 if TYPE_CHECKING:
     from calibri_pipeline.method.space import CalibrationSpace

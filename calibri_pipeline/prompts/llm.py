@@ -11,7 +11,7 @@ safetensors (``cache_dir``; later loads take ~1 s).
 - :func:`clean_completion` / :func:`text_tokens`: a completion's answer line; the words prompts are compared by.
 
 Rewriting the embedded world's prompts with an LLM (and checking the rewrites against their specs) is
-:mod:`calibri_pipeline.prompts.world_rewrite`; seeded train/val/test splits are
+:mod:`calibri_pipeline.world.rewrite`; seeded train/val/test splits are
 :func:`calibri_pipeline.prompts.loaders.split_prompts`.
 
 Generation is deterministic for a given seed (seeded sampling, or greedy), outputs are de-duplicated, and

@@ -30,7 +30,7 @@ def build_prompt_set(preset: "Preset", *, llm_rewrite: bool = False, seed: int =
         splits = make_splits(seed, preset.n_train, preset.n_val, preset.n_test)
         if llm_rewrite:
             from calibri_pipeline.prompts.llm import PromptLLM
-            from calibri_pipeline.prompts.world_rewrite import rewrite_world_prompts
+            from calibri_pipeline.world.rewrite import rewrite_world_prompts
 
             llm = PromptLLM()
             for split in ("train", "val"):
