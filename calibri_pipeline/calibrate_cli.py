@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return summary
 
     t0 = time.perf_counter()
-    search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg)
+    search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
     settings, references = comparison_settings(preset, backbone, calibri=(search, result.vector.tolist(), arguments["guidance"]),
                                                tunings=tunings, slg_space=block.space)
     evaluated = evaluate_settings(evaluator(None, eval_rewards), settings, test, seeds=test_seeds,

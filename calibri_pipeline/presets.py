@@ -52,6 +52,7 @@ class Preset:
     weights: str = "paper"  # "paper": the ensemble weights as they are; "guidance": the CFG pair as guidance x scale
     start: str = "stock"  # "stock": x0 is the unmodified model; "guidance-tuned": the guidance-tuned model
     separable: bool = False  # diagonal covariance (pycma CMA_diagonal), for large spaces
+    segments: tuple[float, ...] = ()  # time-dependent calibration: noise levels that cut the schedule
     probe_buckets: int = 0  # noise probe: x0 on this many extra buckets at generation 0
     target_gain: float | None = None  # with the probe: size validation so 2 SE < this gain
     max_val_seeds: int = 1  # ... with at most this many seeds per validation prompt
@@ -90,7 +91,7 @@ class Preset:
         if unknown:
             raise ValueError(f"unknown preset fields {unknown}")
         for key in ("seeds", "val_seeds", "eval_rewards", "nfe_list", "ablation_seeds", "sweep_alphas", "alternatives",
-                    "guidance_grid", "slg_scales"):
+                    "guidance_grid", "slg_scales", "segments"):
             if key in clean:
                 value = clean[key]
                 clean[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)

@@ -49,7 +49,7 @@ def calibration_arguments(
     from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.scaling import initial_stds, sweep_curvatures
 
-    search = SearchSpace.for_model(space, preset.n_models, uses_cfg=bool(backbone.uses_cfg))
+    search = SearchSpace.for_model(space, preset.n_models, uses_cfg=bool(backbone.uses_cfg), segments=preset.segments)
     guidance = backbone.default_guidance
     guidance_coordinates = preset.weights == "guidance"
     if guidance_coordinates and search.layout.mode != "cfg":
@@ -58,12 +58,13 @@ def calibration_arguments(
             f"classifier-free guidance), got mode {search.layout.mode!r}"
         )
     args: dict[str, Any] = {"steps": preset.calibration_steps, "n_models": preset.n_models,
-                            "guidance_coordinates": guidance_coordinates, "max_batch": preset.max_batch}
+                            "guidance_coordinates": guidance_coordinates, "max_batch": preset.max_batch,
+                            "segments": tuple(preset.segments)}
     if preset.start == "guidance-tuned" and warm_start is None:
         if tuned_guidance is None:
             raise ValueError(f"preset {preset.name!r} starts from the guidance-tuned model: tune the guidance first")
         if search.layout.mode == "cfg":  # the weights carry the guidance: start them at the tuned one
-            warm_start = search.x0(float(tuned_guidance)).numpy()
+            warm_start = search.x0(float(tuned_guidance)).numpy()  # every part of the schedule alike
         else:  # one guided model: sample it at the tuned guidance
             guidance = float(tuned_guidance)
     args["guidance"] = guidance

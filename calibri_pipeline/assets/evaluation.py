@@ -47,8 +47,10 @@ def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog
     preset, cat = stage.preset, stage.catalog
     run = load_calibration(stage)
     space = stage.space(run["granularity"])
-    search = SearchSpace.for_model(space, run["n_models"], uses_cfg=bool(stage.backbone.uses_cfg))
-    run_guidance = json.loads(run["config"]).get("guidance")
+    run_config = json.loads(run["config"])
+    search = SearchSpace.for_model(space, run["n_models"], uses_cfg=bool(stage.backbone.uses_cfg),
+                                   segments=run_config["preset"].get("segments") or ())
+    run_guidance = run_config.get("guidance")
     tunings = load_tunings(stage)
     settings, references = comparison_settings(
         preset, stage.backbone, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings,

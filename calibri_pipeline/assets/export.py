@@ -19,8 +19,12 @@ def calibrated_checkpoint(context: dg.AssetExecutionContext, catalog: CatalogRes
     stage = Stage(context, None, catalog, object_store, compute)
     run = load_calibration(stage)
     prefix = f"checkpoints/{stage.model}/{stage.reward}"
+    import json
+
+    segments = json.loads(run["config"])["preset"].get("segments") or ()
     manifest = export_calibrated(stage.backbone, run["granularity"], run["vector"], run["n_models"], stage.store, prefix,
-                                 extra={"run_id": run["run_id"], "reward": stage.reward, "model": stage.model})
+                                 extra={"run_id": run["run_id"], "reward": stage.reward, "model": stage.model},
+                                 segments=segments)
     stage.summary(f"calibrated_checkpoint: {len(manifest['members'])} member(s) under {prefix}")
     return dg.MaterializeResult(metadata={"uri": stage.store.uri(prefix), "files": len(manifest["files"]),
                                           "members": dg.MetadataValue.json(manifest["members"])})

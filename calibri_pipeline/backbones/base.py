@@ -161,8 +161,13 @@ class SamplingBackbone:
         n_models: int = 1,
         max_batch: int | None = None,
         progress: bool = False,
+        segments: Sequence[float] = (),
     ) -> torch.Tensor:
-        """Images ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU (see the Backbone protocol)."""
+        """Images ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU (see the Backbone protocol).
+
+        ``segments``: the noise levels of a time-dependent vector (one part of the vector per part of
+        the schedule, see :class:`~calibri_pipeline.method.ensemble.SearchSpace`).
+        """
         from calibri_pipeline.method.ensemble import SearchSpace
         from calibri_pipeline.method.population import SamplingSettings
 
@@ -178,7 +183,7 @@ class SamplingBackbone:
         if vectors is not None:
             if space is None:
                 raise ValueError("calibrated generation needs `space` (the CalibrationSpace the vectors index)")
-            search = SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg)
+            search = SearchSpace.for_model(space, n_models, uses_cfg=self.uses_cfg, segments=segments)
             checked = search.check(vectors, len(texts))
         settings = SamplingSettings(steps=steps, guidance=float(guidance), max_batch=max_batch)
         bar = None

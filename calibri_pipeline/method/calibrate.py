@@ -206,6 +206,7 @@ class CalibrationResult:
     granularity: str
     steps: int
     guidance: float | None
+    segments: tuple[float, ...] = ()
 
     @property
     def vector(self) -> np.ndarray:
@@ -215,16 +216,22 @@ class CalibrationResult:
     def n_models(self) -> int:
         return self.layout.n_models
 
+    def _parts(self) -> np.ndarray:
+        return self.search.vector.reshape(len(self.segments) + 1, self.layout.search_size)
+
     @property
     def coefficients(self) -> np.ndarray:
-        """``[n_models, size]``: the coefficients of every ensemble member."""
+        """``[n_models, size]``: the coefficients of every ensemble member (``[parts, n_models, size]``
+        with time segments)."""
         n, s = self.layout.n_models, self.layout.size
-        return self.search.vector[: n * s].reshape(n, s).copy()
+        out = self._parts()[:, : n * s].reshape(-1, n, s).copy()
+        return out[0] if not self.segments else out
 
     @property
     def weights(self) -> np.ndarray:
-        """``[n_models]`` ensemble weights."""
-        return self.search.vector[self.layout.n_models * self.layout.size :].copy()
+        """``[n_models]`` ensemble weights (``[parts, n_models]`` with time segments)."""
+        out = self._parts()[:, self.layout.n_models * self.layout.size :].copy()
+        return out[0] if not self.segments else out
 
     @property
     def val_score(self) -> float:
@@ -240,6 +247,7 @@ class CalibrationResult:
             "granularity": self.granularity,
             "n_models": self.layout.n_models,
             "ensemble_mode": self.layout.mode,
+            "segments": list(self.segments),
             "names": list(self.coefficient_names),
             "coefficients": self.coefficients.tolist(),
             "weights": self.weights.tolist(),
@@ -281,6 +289,7 @@ def calibrate(
     model: str | None = None,
     initial_stds: Sequence[float] | None = None,
     guidance_coordinates: bool = False,
+    segments: Sequence[float] = (),
     progress: bool = False,
 ) -> CalibrationResult:
     """Calibrate ``backbone`` with CMA-ES and return the best coefficients by validation.
@@ -296,32 +305,40 @@ def calibrate(
     images for later assets. ``initial_stds`` are per-coordinate initial deviations in the search's
     coordinates (see :mod:`calibri_pipeline.method.scaling`); ``guidance_coordinates`` searches the
     CFG ensemble's weight pair as guidance x scale (:class:`GuidanceCoordinates`); the result is in
-    the paper's layout either way.
+    the paper's layout either way. ``segments`` (noise levels) give each part of the schedule its own
+    coefficients and weights (see :class:`SearchSpace`); a warm start of one part's length starts
+    every part from it.
     """
     config = config if config is not None else SearchConfig()
-    search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg))
+    search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg), segments=segments)
     layout = search.layout
     sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=max_batch,
                                 memory_budget_mb=memory_budget_mb).resolved(backbone)
     x0 = search.x0(sampling.guidance).numpy().astype(np.float64)
     if warm_start is not None:
         warm = np.asarray(warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64).reshape(-1)
-        if warm.size == layout.search_size:
+        one = x0[: layout.search_size].copy()
+        if warm.size == search.dimension:
             x0 = warm
+        elif warm.size == layout.search_size:
+            x0 = np.tile(warm, search.n_segments)
         elif warm.size == space.size:
-            x0[: n_models * space.size] = np.tile(warm, n_models)
+            one[: n_models * space.size] = np.tile(warm, n_models)
+            x0 = np.tile(one, search.n_segments)
         else:
+            sizes = f"{search.dimension}, {layout.search_size}" if search.n_segments > 1 else f"{layout.search_size}"
             raise ValueError(
-                f"warm_start must have {layout.search_size} entries (a full search vector for n_models={n_models}) "
+                f"warm_start must have {sizes} entries (a full search vector for n_models={n_models}) "
                 f"or {space.size} (one model's coefficients), got {warm.size}"
             )
     if not np.all(np.isfinite(x0)):
         raise ValueError("x0 contains NaN or infinite values")
     lower, upper = layout.bounds(config.coefficient_bounds, config.weight_bounds)
+    lower, upper = lower * search.n_segments, upper * search.n_segments
     names = search.names()
     decode = None
     if guidance_coordinates:
-        coords = GuidanceCoordinates(layout)
+        coords = GuidanceCoordinates(layout, search.n_segments)
         x0 = np.array(coords.encode(x0))
         lower, upper = coords.bounds(lower, upper)
         names = coords.names(space.names)
@@ -338,6 +355,7 @@ def calibrate(
     return CalibrationResult(
         search=result,
         layout=layout,
+        segments=search.segments,
         coefficient_names=list(space.names),
         granularity=space.granularity,
         steps=sampling.steps,

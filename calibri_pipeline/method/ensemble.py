@@ -139,38 +139,76 @@ class EnsembleLayout:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What a Calibri search vector means for one model: its coefficients and its ensemble layout.
+    """What a Calibri search vector means for one model: its coefficients, its ensemble layout, and
+    (optionally) the segments of the noise schedule that get coefficients of their own.
 
     Built once (:meth:`for_model`) and passed down instead of ``(space, n_models)``; every vector
     entering the sampler is checked here, once (:meth:`check`).
+
+    Time-dependent calibration (beyond the paper): ``segments`` are noise levels (sigma in (0, 1),
+    descending) that cut the schedule into ``len(segments) + 1`` parts; the vector then holds one
+    paper-layout vector per part, highest noise first, and a denoising step at noise level sigma uses
+    the part it falls in (``segments=(0.8,)`` at 4 steps: the first step, sigma = 1, vs the rest).
+    Noise levels rather than step numbers, so the same coefficients mean the same thing at any NFE.
+    Such a vector cannot be baked into one stock checkpoint (the weights would have to change
+    between steps); it is exported as a coefficient schedule the sampler applies.
     """
 
     space: "CalibrationSpace"
     layout: EnsembleLayout
+    segments: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        seg = tuple(float(t) for t in self.segments)
+        if any(not 0.0 < t < 1.0 for t in seg) or list(seg) != sorted(set(seg), reverse=True):
+            raise ValueError(f"segments must be distinct noise levels in (0, 1), descending, got {self.segments!r}")
+        object.__setattr__(self, "segments", seg)
 
     @classmethod
-    def for_model(cls, space: "CalibrationSpace", n_models: int = 1, *, uses_cfg: bool) -> "SearchSpace":
+    def for_model(cls, space: "CalibrationSpace", n_models: int = 1, *, uses_cfg: bool,
+                  segments: Sequence[float] = ()) -> "SearchSpace":
         """The one place a layout is made from a calibration space and a backbone's guidance kind."""
-        return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)))
+        return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)), tuple(segments))
 
     @property
     def n_models(self) -> int:
         return self.layout.n_models
 
     @property
+    def n_segments(self) -> int:
+        return len(self.segments) + 1
+
+    @property
     def dimension(self) -> int:
-        return self.layout.search_size
+        return self.n_segments * self.layout.search_size
 
     @property
     def granularity(self) -> str:
         return self.space.granularity
 
     def names(self) -> list[str]:
-        return self.layout.names(self.space.names)
+        names = self.layout.names(self.space.names)
+        if self.n_segments == 1:
+            return names
+        bounds = [1.0, *self.segments, 0.0]
+        return [f"sigma{bounds[j]:g}-{bounds[j + 1]:g}/{n}" for j in range(self.n_segments) for n in names]
 
     def x0(self, guidance: float | None) -> torch.Tensor:
         """The search's start: the unmodified model (all-ones coefficients, weights that reproduce it)."""
-        return self.layout.initial(guidance if self.layout.mode == "cfg" else None)
+        return self.layout.initial(guidance if self.layout.mode == "cfg" else None).repeat(self.n_segments)
+
+    def segment_of(self, sigma: float) -> int:
+        """The part of the schedule a step at noise level ``sigma`` falls in (0: the noisiest)."""
+        return sum(1 for t in self.segments if sigma <= t)
+
+    def segment(self, vectors: torch.Tensor, index: int) -> torch.Tensor:
+        """The paper-layout vectors ``[N, layout.search_size]`` of one part of the schedule."""
+        d = self.layout.search_size
+        return vectors[..., index * d:(index + 1) * d]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "names": list(self.space.names), "n_models": self.n_models,
+                "cfg": self.layout.cfg, "segments": list(self.segments)}
 
     def check(self, vectors: Any, n: int | None = None) -> torch.Tensor:
         """``[D]`` or ``[N, D]`` numbers -> float32 ``[N, D]`` on the CPU; one clear error otherwise.
@@ -186,8 +224,9 @@ class SearchSpace:
         if vec.ndim == 1 and vec.shape[0] == d:
             vec = vec.unsqueeze(0) if n is None else vec.unsqueeze(0).expand(n, d)
         if vec.ndim != 2 or vec.shape[1] != d or vec.shape[0] < 1:
+            parts = f"{self.n_segments} schedule parts x " if self.n_segments > 1 else ""
             raise ValueError(
-                f"Calibri vectors must have shape [P, {d}] or [{d}] (space.search_size({self.n_models}): "
+                f"Calibri vectors must have shape [P, {d}] or [{d}] ({parts}space.search_size({self.n_models}): "
                 f"{self.n_models} x {self.space.size} {self.space.granularity} coefficients + {self.n_models} weights), "
                 f"got {tuple(vec.shape)}"
             )
@@ -208,28 +247,38 @@ class GuidanceCoordinates:
     every vector it hands out or stores is in the paper's layout (:meth:`decode`).
     """
 
-    def __init__(self, layout: EnsembleLayout) -> None:
+    def __init__(self, layout: EnsembleLayout, n_segments: int = 1) -> None:
         if layout.mode != "cfg":
             raise ValueError(f"guidance coordinates need the CFG ensemble layout, got mode {layout.mode!r}")
         self.layout = layout
-        self._w = layout.n_models * layout.size  # index of w_cond; w_uncond follows
+        self.n_segments = int(n_segments)
+        self._d = layout.search_size
+        # where w_cond sits in each part of the schedule; w_uncond follows
+        self._w = [j * self._d + layout.n_models * layout.size for j in range(self.n_segments)]
 
     def encode(self, vector: Sequence[float]) -> list[float]:
         x = [float(v) for v in vector]
-        w_c, w_u = x[self._w], x[self._w + 1]
-        total = w_c + w_u
-        if total == 0:
-            raise ValueError("the CFG weights sum to 0: guidance x scale coordinates are undefined there")
-        return x[: self._w] + [w_c / total, total] + x[self._w + 2 :]
+        for w in self._w:
+            total = x[w] + x[w + 1]
+            if total == 0:
+                raise ValueError("the CFG weights sum to 0: guidance x scale coordinates are undefined there")
+            x[w], x[w + 1] = x[w] / total, total
+        return x
 
     def decode(self, point: Sequence[float]) -> list[float]:
         z = [float(v) for v in point]
-        g, scale = z[self._w], z[self._w + 1]
-        return z[: self._w] + [scale * g, scale * (1.0 - g)] + z[self._w + 2 :]
+        for w in self._w:
+            g, scale = z[w], z[w + 1]
+            z[w], z[w + 1] = scale * g, scale * (1.0 - g)
+        return z
 
     def names(self, coefficient_names: Sequence[str]) -> list[str]:
-        names = self.layout.names(coefficient_names)
-        return names[: self._w] + ["guidance", "scale"] + names[self._w + 2 :]
+        per = self.layout.names(coefficient_names)
+        w = self.layout.n_models * self.layout.size
+        per = per[:w] + ["guidance", "scale"] + per[w + 2:]
+        if self.n_segments == 1:
+            return per
+        return [f"t{j}/{n}" for j in range(self.n_segments) for n in per]
 
     #: the search keeps the overall scale within these (a few-step sampler cannot take much more)
     SCALE_BOUNDS = (0.25, 4.0)
@@ -237,6 +286,7 @@ class GuidanceCoordinates:
     def bounds(self, lower: Sequence[float], upper: Sequence[float]) -> tuple[list[float], list[float]]:
         """Paper-layout bounds -> search-coordinate bounds: guidance in [0, the weight bound], scale in SCALE_BOUNDS."""
         lo, hi = list(lower), list(upper)
-        lo[self._w], hi[self._w] = 0.0, float(upper[self._w])
-        lo[self._w + 1], hi[self._w + 1] = self.SCALE_BOUNDS
+        for w in self._w:
+            lo[w], hi[w] = 0.0, float(upper[w])
+            lo[w + 1], hi[w + 1] = self.SCALE_BOUNDS
         return lo, hi

@@ -8,6 +8,10 @@ linear in it). How to combine the members is written to ``manifest.json``:
 - ``cfg``: ``cond`` and ``uncond`` transformers; velocity = cond(x, prompt) + uncond(x, empty prompt)
   (their weights already hold the guidance mix).
 - ``ensemble``: ``model0 … model{n-1}``, all conditional; velocity = sum of their outputs.
+- ``schedule``: a time-dependent calibration (coefficients per part of the noise schedule) cannot be
+  baked into fixed weights; ``calibri_schedule.json`` holds the vector, its layout and the noise
+  levels, and ``SamplingBackbone.generate(..., space=..., vectors=...)`` with that search space
+  applies it (hooks, no extra cost).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ def baked_members(transformer: torch.nn.Module, granularity: str, vector: Sequen
     space = CalibrationSpace.from_transformer(transformer, granularity)
     layout = EnsembleLayout(space.size, n_models, cfg=uses_cfg)
     coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
-    names = {"single": ["model"], "cfg": ["cond", "uncond"], "ensemble": [f"model{i}" for i in range(n_models)]}[layout.mode]
+    names = {"single": ["model"], "cfg": ["cond", "uncond"] + [f"cond{i}" for i in range(2, n_models)],
+             "ensemble": [f"model{i}" for i in range(n_models)]}[layout.mode]
     members = {}
     for m, name in enumerate(names):
         member = copy.deepcopy(transformer)
@@ -56,8 +61,28 @@ def baked_members(transformer: torch.nn.Module, granularity: str, vector: Sequen
 
 
 def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_models: int, store, prefix: str,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Bake, ``save_pretrained`` each member, upload to ``store`` under ``prefix``; returns the manifest."""
+                      extra: dict[str, Any] | None = None, segments: Sequence[float] = ()) -> dict[str, Any]:
+    """Bake, ``save_pretrained`` each member, upload to ``store`` under ``prefix``; returns the manifest.
+
+    With ``segments`` (time-dependent coefficients) nothing can be baked: the coefficient schedule is
+    written instead (manifest mode ``schedule``).
+    """
+    if segments:
+        space = CalibrationSpace.from_transformer(backbone.transformer, granularity)
+        layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
+        if len(vector) != (len(segments) + 1) * layout.search_size:
+            raise ValueError(f"a schedule of {len(segments) + 1} parts needs {(len(segments) + 1) * layout.search_size} "
+                             f"numbers, got {len(vector)}")
+        schedule = {"segments": [float(t) for t in segments], "vector": [float(v) for v in vector],
+                    "granularity": granularity, "n_models": n_models, "names": list(space.names),
+                    "class": type(backbone.transformer).__name__}
+        key = f"{prefix}/calibri_schedule.json"
+        store.put_bytes(key, json.dumps(schedule, indent=2).encode())
+        manifest = {"mode": "schedule", "members": [], "files": [key], "combine":
+                    "time-dependent coefficients: apply calibri_schedule.json with the sampler (SearchSpace segments)",
+                    **schedule, **(extra or {})}
+        store.put_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
+        return manifest
     mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
     files = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +99,7 @@ def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_mod
         "mode": mode,
         "members": list(members),
         "combine": {"single": "use `model` like the original transformer",
-                    "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt)",
+                    "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt) (+ cond2 ... with the prompt)",
                     "ensemble": "velocity = sum of every member's output"}[mode],
         "class": type(backbone.transformer).__name__,
         "granularity": granularity,

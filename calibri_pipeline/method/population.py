@@ -224,7 +224,8 @@ def _digest(value: Any) -> str:
 def vector_digest(search: SearchSpace, vector: torch.Tensor) -> str:
     """Identity of one checked vector in its search space (layout and coefficient names included)."""
     h = hashlib.sha256()
-    h.update(json.dumps([search.granularity, search.space.names, search.layout.n_models, search.layout.cfg]).encode())
+    h.update(json.dumps([search.granularity, search.space.names, search.layout.n_models, search.layout.cfg]
+                        + ([list(search.segments)] if search.segments else [])).encode())
     h.update(vector.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -239,6 +240,11 @@ def unmodified_guidance(search: SearchSpace, vector: torch.Tensor, guidance: flo
     """
     layout = search.layout
     vec = vector.to(torch.float32)
+    if search.n_segments > 1:  # time-dependent: the unmodified model only when every part is
+        parts = [search.segment(vec, j) for j in range(search.n_segments)]
+        if not all(torch.equal(p, parts[0]) for p in parts[1:]):
+            return False
+        vec = parts[0]
     n_coef = layout.n_models * layout.size
     if layout.mode not in ("single", "cfg") or not bool((vec[:n_coef] == 1).all()):
         return False

@@ -155,7 +155,7 @@ class PopulationWorker:
         search = None
         if request["layout"] is not None:
             space = self._space(request["granularity"], request["names"])
-            search = SearchSpace(space, EnsembleLayout(**request["layout"]))
+            search = SearchSpace(space, EnsembleLayout(**request["layout"]), tuple(request["segments"]))
         vectors = request["vectors"]
         jobs = [
             ImageJob(prompt, seed, None if vectors[i] is None else torch.from_numpy(vectors[i]), "", "", guidance)
@@ -376,6 +376,7 @@ class RayWorkerPool:
             "names": None if search is None else list(search.space.names),
             "layout": None if search is None else {
                 "size": search.layout.size, "n_models": search.layout.n_models, "cfg": search.layout.cfg},
+            "segments": None if search is None else list(search.segments),
         }
         n_images = len(jobs)
         n_chunks = min(n_images, len(self._workers) * self.chunks_per_worker)

@@ -112,6 +112,8 @@ def make_velocity_fn(
             vec = vec.unsqueeze(0).expand(n, -1)
         if vec.shape[0] != n:
             raise ValueError(f"got {vec.shape[0]} Calibri vectors for a batch of {n} images")
+        if search.n_segments > 1:  # time-dependent: the part of the schedule this step's noise level is in
+            vec = search.segment(vec, search.segment_of(float(sigma[0])))
         passes = layout.passes(vec, guidance)
         batch_cond = {
             key: torch.cat([conds[kind][key] for kind, _, _ in passes]) for key in conds["cond"]

@@ -110,7 +110,7 @@ def initial_stds(
         weights = [guidance_rel * abs(float(guidance)), scale_std] + relative[2:]
     else:
         weights = relative
-    return stds + weights
+    return (stds + weights) * search.n_segments  # every part of the schedule starts alike
 
 
 def describe_stds(search: "SearchSpace", stds: Sequence[float], names: Sequence[str]) -> list[dict[str, Any]]:
