@@ -45,10 +45,17 @@ def test_initial_stds_share_the_target_drop_between_coordinates():
     curv = {"blocks.0": 0.4, "blocks.1": 0.05, "blocks.2": 1.0}
     stds = initial_stds(search, curv, target_drop=0.03, guidance_coordinates=True, guidance=3.5)
     d = 2 * 3  # two members x three blocks
-    expected = [min(max(math.sqrt(0.03 / (d * k)), STD_RANGE[0]), STD_RANGE[1]) for k in curv.values()]
-    assert stds[:3] == pytest.approx(expected) and stds[3:6] == pytest.approx(expected)
-    # the expected first-population drop is the target when no std is clipped
-    assert sum(s**2 * k for s, k in zip(stds[:6], list(curv.values()) * 2)) == pytest.approx(0.03)
+    shared = [math.sqrt(0.03 / (d * k)) for k in curv.values()]
+
+    def clip(v):
+        return min(max(v, STD_RANGE[0]), STD_RANGE[1])
+
+    # the conditional member acts through g = 3.5, the unconditional one through 1 - g = -2.5
+    assert stds[:3] == pytest.approx([clip(v / 3.5) for v in shared])
+    assert stds[3:6] == pytest.approx([clip(v / 2.5) for v in shared])
+    # in units of the shared coefficient the sweep measured, the first population's expected drop is the target
+    effective = [s * 3.5 for s in stds[:3]] + [s * 2.5 for s in stds[3:6]]
+    assert sum(e**2 * k for e, k in zip(effective, list(curv.values()) * 2)) == pytest.approx(0.03)
     assert stds[6:] == pytest.approx([0.25 * 3.5, 0.05])  # guidance relative to itself, the scale small
     paper = initial_stds(search, curv, guidance=3.5)  # the weight pair as it is: each relative to itself
     assert paper[6:] == pytest.approx([0.25 * 3.5, 0.25 * 2.5])

@@ -9,7 +9,9 @@ coordinate gets its own initial standard deviation (pycma's ``CMA_stds``):
   fitted near α = 1 as ``Δ(α) ≈ -k (α - 1)²``; the step is the α change that costs an equal share of
   ``target_drop`` when every coordinate moves at once (``σ_j = sqrt(target_drop / (D k_j))``), so
   the first population spreads by about the gain being sought, not by ten times it. Finer
-  granularities (layer, gate) inherit their block's curvature.
+  granularities (layer, gate) inherit their block's curvature. In an ensemble a member's
+  coefficients act through its weight (the CFG pair's are ``g`` and ``1 - g``), so their steps are
+  divided by that weight's magnitude (when above 1).
 - an ensemble weight's relative to its own magnitude; with :class:`GuidanceCoordinates` (the CFG pair
   as guidance x scale) the guidance moves by ``guidance_rel`` of itself and the overall scale by
   ``scale_std``.
@@ -99,8 +101,14 @@ def initial_stds(
         k = curvatures[block] if block is not None else None
         std = default_std if k is None else math.sqrt(target_drop / (n_coef * k))
         per_coefficient.append(float(min(max(std, STD_RANGE[0]), STD_RANGE[1])))
-    stds = per_coefficient * layout.n_models
     x0_weights = layout.initial_weights(guidance if layout.mode == "cfg" else None)
+    # a member's coefficient moves the velocity through its weight: under CFG at g = 3.5 the
+    # unconditional pass enters with 1 - g = -2.5, so its coefficients are 2.5x as sensitive as the
+    # shared coefficient the sweep measured; each member's steps shrink by its weight's magnitude
+    stds = []
+    for w in x0_weights if layout.n_models > 1 else [1.0]:
+        factor = 1.0 / max(abs(w), 1.0) if w != 0 else 1.0
+        stds += [float(min(max(std * factor, STD_RANGE[0]), STD_RANGE[1])) for std in per_coefficient]
     relative = [weight_rel * abs(w) if w != 0 else weight_rel for w in x0_weights]
     if layout.mode == "single":
         weights = [scale_std]  # the one weight scales the whole velocity
