@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REWARDS = ("world_score", "world_alignment", "world_accuracy", "world_quality")
@@ -26,7 +25,13 @@ REWARDS = ("world_score", "world_alignment", "world_accuracy", "world_quality")
 
 def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.backbones.toy import load_toy_backbone
-    from calibri_pipeline.method.analysis import Setting, evaluate_settings, nfe_study, plot_search_history, table_markdown
+    from calibri_pipeline.method.analysis import (
+        Setting,
+        evaluate_settings,
+        nfe_study,
+        plot_search_history,
+        table_markdown,
+    )
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.method.search import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace

@@ -54,7 +54,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _unseen_test_prompts(preset, split_seed: int, n: int, exclude: set[str]):
+def _unseen_test_prompts(split_seed: int, n: int, exclude: set[str]):
     """``n`` world prompts from another seed's test split that are in none of the preset's splits."""
     from dataclasses import replace
 
@@ -71,7 +71,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import polars as pl
 
     from calibri_pipeline.method.alternatives import slg_layer_candidates, tune_guidance, tune_slg
-    from calibri_pipeline.method.analysis import block_ablation, evaluate_settings, plot_nfe, plot_search_history, scale_sweep, table_markdown
+    from calibri_pipeline.method.analysis import (
+        block_ablation,
+        evaluate_settings,
+        plot_nfe,
+        plot_search_history,
+        scale_sweep,
+        table_markdown,
+    )
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     by_split = {s: [p for p in prompts if p.split == s] for s in ("train", "val", "test")}
     test = by_split["test"]
     if args.test_split_seed is not None:
-        test = _unseen_test_prompts(preset, args.test_split_seed, len(test), {p.text for p in prompts})
+        test = _unseen_test_prompts(args.test_split_seed, len(test), {p.text for p in prompts})
     test_seeds = list(args.test_seeds) if args.test_seeds else list(preset.seeds)
     low = preset.calibration_steps
 
@@ -168,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
-    settings, references = comparison_settings(preset, backbone, calibri=(search, result.vector.tolist(), arguments["guidance"]),
+    settings, references = comparison_settings(preset, calibri=(search, result.vector.tolist(), arguments["guidance"]),
                                                tunings=tunings, slg_space=block.space)
     evaluated = evaluate_settings(evaluator(None, eval_rewards), settings, test, seeds=test_seeds,
                                   reference=references["baseline"], references=references)

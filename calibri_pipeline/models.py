@@ -43,7 +43,7 @@ def checkpoint_key(kind: str, name: str) -> str:
     return check_model_key(f"{kind}--{stem}"[:96])
 
 
-def model_spec(key: str, store: "ObjectStore | None" = None) -> dict[str, Any]:
+def model_spec(key: str, store: ObjectStore | None = None) -> dict[str, Any]:
     check_model_key(key)
     if key in BUILTIN_MODELS:
         return dict(BUILTIN_MODELS[key], key=key)
@@ -58,18 +58,18 @@ def model_spec(key: str, store: "ObjectStore | None" = None) -> dict[str, Any]:
     )
 
 
-def register_model(store: "ObjectStore", key: str, kind: str, path: str, parent: str | None = None) -> dict[str, Any]:
+def register_model(store: ObjectStore, key: str, kind: str, path: str, parent: str | None = None) -> dict[str, Any]:
     check_model_key(key)
     spec = {"kind": kind, "path": path, "parent": parent}
     store.put_json(f"models/{key}.json", spec)
     return dict(spec, key=key)
 
 
-_CACHE: dict[tuple, "Backbone"] = {}
+_CACHE: dict[tuple, Backbone] = {}
 _LOCK = threading.Lock()
 
 
-def load_model(key: str, store: "ObjectStore | None" = None, device: str = "cpu", dtype: str = "float32") -> "Backbone":
+def load_model(key: str, store: ObjectStore | None = None, device: str = "cpu", dtype: str = "float32") -> Backbone:
     """Load (once per process) the backbone behind a model key."""
     spec = model_spec(key, store)
     cache_key = (key, spec.get("path"), device, dtype)
@@ -105,7 +105,7 @@ class ModelFactory:
     device: str = "auto"
     dtype: str = "float32"
 
-    def __call__(self) -> "Backbone":
+    def __call__(self) -> Backbone:
         import torch
 
         store = None

@@ -85,7 +85,7 @@ class Preset:
             return self.sigma0
         return 0.25 if self.scaling == "paper" else 1.0
 
-    def with_overrides(self, **overrides: Any) -> "Preset":
+    def with_overrides(self, **overrides: Any) -> Preset:
         clean = {k: v for k, v in overrides.items() if v is not None}
         unknown = sorted(set(clean) - set(asdict(self)))
         if unknown:
@@ -170,6 +170,7 @@ PRESETS: dict[str, Preset] = {
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=200,
+            alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, block scaling (57), 200 iterations, ~32 H100-hours",
         ),
         Preset(
@@ -182,6 +183,7 @@ PRESETS: dict[str, Preset] = {
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=410,
+            alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, layer scaling (76), 410 iterations",
         ),
         Preset(
@@ -194,6 +196,7 @@ PRESETS: dict[str, Preset] = {
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=960,
+            alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, gate scaling (114), 960 iterations",
         ),
         Preset(
@@ -207,6 +210,7 @@ PRESETS: dict[str, Preset] = {
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=2280,
+            separable=True,  # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
             notes="paper Table 5: SD-3.5 Medium, gate scaling with standard CFG as an ensemble of 2 (216)",
         ),
         Preset(
@@ -220,6 +224,7 @@ PRESETS: dict[str, Preset] = {
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
             generations=630,
+            separable=True,  # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
             notes="paper Table 5: Qwen-Image, gate scaling with true CFG as an ensemble of 2 (482)",
         ),
     ]

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 PROMPTS_DIR_ENV = "CALIBRI_PROMPTS_DIR"
 
 
-def build_prompt_set(preset: "Preset", *, llm_rewrite: bool = False, seed: int = 0,
-                     log: Callable[[str], None] = print) -> list["Prompt"]:
+def build_prompt_set(preset: Preset, *, llm_rewrite: bool = False, seed: int = 0,
+                     log: Callable[[str], None] = print) -> list[Prompt]:
     """Every prompt of the preset's source with its ``split`` set (seeded, reproducible).
 
     ``llm_rewrite`` rewrites the world's train and val prompts with the LLM (checked against their

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from calibri_pipeline.presets import Preset
 
 
-def search_config(preset: "Preset", seed: int = 0) -> "SearchConfig":
+def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
     """The CMA-ES settings of a preset."""
     from calibri_pipeline.method.search import SearchConfig
 
@@ -32,11 +32,11 @@ def search_config(preset: "Preset", seed: int = 0) -> "SearchConfig":
 
 
 def calibration_arguments(
-    preset: "Preset",
-    backbone: "Backbone",
-    space: "CalibrationSpace",
+    preset: Preset,
+    backbone: Backbone,
+    space: CalibrationSpace,
     *,
-    sweep: "pl.DataFrame | None" = None,
+    sweep: pl.DataFrame | None = None,
     tuned_guidance: float | None = None,
     warm_start: Any = None,
 ) -> dict[str, Any]:
@@ -87,12 +87,11 @@ def setting_label(name: str, steps: int) -> str:
 
 
 def comparison_settings(
-    preset: "Preset",
-    backbone: "Backbone",
+    preset: Preset,
     *,
     calibri: tuple[Any, Any, float | None] | None,
     tunings: dict[str, dict[str, Any]],
-    slg_space: "CalibrationSpace | None" = None,
+    slg_space: CalibrationSpace | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings the evaluation scores on the test prompts, and the references they are compared with.
 

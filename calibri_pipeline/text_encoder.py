@@ -31,7 +31,7 @@ class TextEmbedding:
     def __len__(self) -> int:
         return self.states.shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextEmbedding":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbedding:
         return TextEmbedding(
             states=self.states.to(device=device, dtype=dtype or self.states.dtype),
             mask=self.mask.to(device=device),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_population import ColourMatch, Contrast, backbone, encoder, make_prompts, one_thread  # noqa: F401
 
 from calibri_pipeline.method.analysis import (
     Setting,
@@ -23,7 +24,6 @@ from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import evaluate_population
 from calibri_pipeline.method.space import CalibrationSpace
 from calibri_pipeline.method.stats import bootstrap_ci, paired_difference_ci
-from test_population import ColourMatch, Contrast, backbone, encoder, make_prompts, one_thread  # noqa: F401
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -195,9 +195,10 @@ def test_infer_n_models():
 
 
 def test_search_history_plot():
+    from test_search import QuadraticObjective
+
     from calibri_pipeline.method.analysis import plot_search_history
     from calibri_pipeline.method.search import CalibrationRun, SearchConfig
-    from test_search import QuadraticObjective
 
     res = CalibrationRun(QuadraticObjective([0.5] * 3), [1.0] * 3, [-1.0] * 3, [2.0] * 3,
                          SearchConfig(max_generations=6, bucket_size=4, val_every=2)).run()

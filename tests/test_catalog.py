@@ -12,7 +12,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from calibri_pipeline.storage.catalog import SCHEMA_DOC, SCHEMA_VERSION, TABLES, Catalog, CatalogError, check_read_only_sql
+from calibri_pipeline.storage.catalog import (
+    SCHEMA_DOC,
+    SCHEMA_VERSION,
+    TABLES,
+    Catalog,
+    CatalogError,
+    check_read_only_sql,
+)
 
 
 def _images(run_key: str, n: int, *, model: str = "toy", offset: int = 0) -> pl.DataFrame:

@@ -104,8 +104,8 @@ def test_vectors_that_are_the_unmodified_model_share_its_entries(backbone):
 
 
 def test_images_are_scored_as_8_bit_pngs(tmp_path, backbone):
-    from calibri_pipeline.storage.object_store import ObjectStore
     from calibri_pipeline.storage.image_cache import read_png_tensor
+    from calibri_pipeline.storage.object_store import ObjectStore
 
     images = backbone.generate(PROMPTS, [1, 2, 3])
     q = quantize_8bit(images)

@@ -15,8 +15,8 @@ import torch
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.prompts.llm import PromptLLM, clean_completion, generate_topic_prompts, smollm2_gguf
 from calibri_pipeline.prompts.loaders import split_prompts
-from calibri_pipeline.world.rewrite import check_rewrite, rewrite_world_prompts
 from calibri_pipeline.world import CATEGORIES, sample_prompt
+from calibri_pipeline.world.rewrite import check_rewrite, rewrite_world_prompts
 
 BINDING = {
     "category": "color_binding",

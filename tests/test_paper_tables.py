@@ -99,7 +99,7 @@ def test_headline_shows_calibri_beside_the_alternatives(catalog_path: Path) -> N
                           "reference": "baseline@4", "delta": 0.22, "ci_low": 0.2, "ci_high": 0.24, "n": 8})
     catalog.replace("comparisons", comps, {"run_key": "toy|world_score"})
     table = headline_tables(catalog)
-    mine = table.filter((pl.col("reward") == "world_score"))
+    mine = table.filter(pl.col("reward") == "world_score")
     assert mine["setting"].to_list() == ["baseline@4", "baseline@30", "calibri@4"]
     assert mine.filter(pl.col("setting") == "calibri@4")["vs baseline (same NFE)"].item() == "+0.220 [+0.200, +0.240]"
     assert "## headline" in render_tables(catalog_path, ["headline"])

@@ -121,8 +121,8 @@ def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkey
     """The UI's Runs and Jobs pages show the demo, and its partition reads as 1 of 1 materialized."""
     import dagster as dg
 
-    from calibri_pipeline.assets.common import PARTITIONS
     from calibri_pipeline.assets import PARTITIONED_ASSETS
+    from calibri_pipeline.assets.common import PARTITIONS
 
     home, _ = demo_home
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster_home"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from calibri_pipeline.method.calibrate import RewardObjective, calibrate
 from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
 from calibri_pipeline.method.population import (
     LocalEvaluator,
@@ -18,7 +19,6 @@ from calibri_pipeline.method.population import (
     evaluate_population_loop,
     max_batch_for_budget,
 )
-from calibri_pipeline.method.calibrate import RewardObjective, calibrate
 from calibri_pipeline.method.search import SearchConfig, make_bucket, validation_seeds
 from calibri_pipeline.method.space import CalibrationSpace
 from calibri_pipeline.method.state_store import MemoryStateStore

@@ -164,7 +164,7 @@ def test_a_preset_becomes_the_core_arguments():
 
     search = SearchSpace.for_model(space, 2, uses_cfg=True)
     tunings = {"guidance-tuned": {"guidance": 2.0}, "slg-tuned": {"vector": slg_vector(space, [0], 3.5, 1.0).tolist(), "guidance": 3.5}}
-    settings, references = comparison_settings(preset, Toy(), calibri=(search, search.x0(3.5).tolist(), 3.5),
+    settings, references = comparison_settings(preset, calibri=(search, search.x0(3.5).tolist(), 3.5),
                                                tunings=tunings, slg_space=space)
     low = preset.calibration_steps
     assert references == {"baseline": f"baseline@{low}", "twice the NFE": f"baseline@{2 * low}",

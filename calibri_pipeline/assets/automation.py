@@ -8,11 +8,12 @@ from typing import Any
 
 import dagster as dg
 
-from calibri_pipeline.assets.common import MODEL_PARTITIONS, PARTITIONS, REWARD_PARTITIONS, check_reward_key
+from calibri_pipeline.assets.common import MODEL_PARTITIONS, REWARD_PARTITIONS, check_reward_key
 from calibri_pipeline.assets.evaluation import diversity, evaluation
 from calibri_pipeline.assets.export import calibrated_checkpoint, paper_tables
 from calibri_pipeline.presets import PRESETS
 from calibri_pipeline.resources import CatalogResource, ObjectStoreResource
+
 
 def _partitioned():
     from calibri_pipeline.assets import PARTITIONED_ASSETS

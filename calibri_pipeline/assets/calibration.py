@@ -3,7 +3,7 @@
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -26,7 +26,7 @@ def run_id_for(model: str, reward: str, granularity: str, n_models: int) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _warm_start(stage: Stage, source_model: str | None, space, n_models: int):

@@ -7,7 +7,7 @@ import io
 import json
 import time
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import dagster as dg
 from pydantic import Field
@@ -87,13 +87,13 @@ def image_grid_png(images, captions: Sequence[str], ncols: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def table_md(df: "pl.DataFrame", digits: int = 4, max_rows: int = 40) -> dg.MetadataValue:
+def table_md(df: pl.DataFrame, digits: int = 4, max_rows: int = 40) -> dg.MetadataValue:
     from calibri_pipeline.method.analysis import table_markdown
 
     return dg.MetadataValue.md(table_markdown(df.head(max_rows), digits=digits))
 
 
-def load_prompt_set(catalog: "Catalog", run_key: str, split: str | None = None) -> list["Prompt"]:
+def load_prompt_set(catalog: Catalog, run_key: str, split: str | None = None) -> list[Prompt]:
     from calibri_pipeline.prompts.base import Prompt
 
     sql = "SELECT text, spec, category, source, split, meta FROM prompts WHERE prompt_set = ?"
@@ -112,7 +112,7 @@ def load_prompt_set(catalog: "Catalog", run_key: str, split: str | None = None) 
     return out
 
 
-def latest_calibration(catalog: "Catalog", model: str, reward: str) -> dict[str, Any] | None:
+def latest_calibration(catalog: Catalog, model: str, reward: str) -> dict[str, Any] | None:
     df = catalog.query(
         "SELECT * FROM calibration_runs WHERE model = ? AND reward = ? AND status = 'finished' "
         "ORDER BY ended_at DESC LIMIT 1",
@@ -131,40 +131,40 @@ GROUP = "calibri"
 class CalibriConfig(dg.Config):
     """Options shared by every asset; empty fields take the preset's value (calibri_pipeline/presets.py)."""
 
-    preset: Optional[str] = Field(default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)")
-    n_train: Optional[int] = None
-    n_val: Optional[int] = None
-    n_test: Optional[int] = None
-    seeds: Optional[list[int]] = Field(default=None, description="noise seeds per test prompt")
-    val_seeds: Optional[list[int]] = Field(default=None, description="noise seeds per validation prompt")
-    calibration_steps: Optional[int] = None
-    default_steps: Optional[int] = None
-    generations: Optional[int] = None
-    popsize: Optional[int] = None
-    bucket_size: Optional[int] = None
-    val_every: Optional[int] = None
-    patience: Optional[int] = None
-    granularity: Optional[str] = None
-    n_models: Optional[int] = None
-    scaling: Optional[str] = Field(default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)")
-    weights: Optional[str] = Field(default=None, description="paper | guidance (the CFG pair searched as guidance x scale)")
-    start: Optional[str] = Field(default=None, description="stock | guidance-tuned (where CMA-ES starts)")
-    separable: Optional[bool] = None
-    probe_buckets: Optional[int] = None
-    target_gain: Optional[float] = None
-    max_val_seeds: Optional[int] = None
-    confirm_top: Optional[int] = None
-    alternatives: Optional[list[str]] = None
-    guidance_grid: Optional[list[float]] = None
-    slg_candidates: Optional[int] = None
-    slg_scales: Optional[list[float]] = None
-    nfe_list: Optional[list[int]] = None
-    ablation_prompts: Optional[int] = None
-    ablation_seeds: Optional[list[int]] = None
-    sweep_alphas: Optional[list[float]] = None
-    max_batch: Optional[int] = None
+    preset: str | None = Field(default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)")
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    seeds: list[int] | None = Field(default=None, description="noise seeds per test prompt")
+    val_seeds: list[int] | None = Field(default=None, description="noise seeds per validation prompt")
+    calibration_steps: int | None = None
+    default_steps: int | None = None
+    generations: int | None = None
+    popsize: int | None = None
+    bucket_size: int | None = None
+    val_every: int | None = None
+    patience: int | None = None
+    granularity: str | None = None
+    n_models: int | None = None
+    scaling: str | None = Field(default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)")
+    weights: str | None = Field(default=None, description="paper | guidance (the CFG pair searched as guidance x scale)")
+    start: str | None = Field(default=None, description="stock | guidance-tuned (where CMA-ES starts)")
+    separable: bool | None = None
+    probe_buckets: int | None = None
+    target_gain: float | None = None
+    max_val_seeds: int | None = None
+    confirm_top: int | None = None
+    alternatives: list[str] | None = None
+    guidance_grid: list[float] | None = None
+    slg_candidates: int | None = None
+    slg_scales: list[float] | None = None
+    nfe_list: list[int] | None = None
+    ablation_prompts: int | None = None
+    ablation_seeds: list[int] | None = None
+    sweep_alphas: list[float] | None = None
+    max_batch: int | None = None
     llm_rewrite: bool = Field(default=False, description="rewrite world prompts with the LLM (checked against their specs)")
-    warm_start_from: Optional[str] = Field(default=None, description="model key whose latest calibration seeds CMA-ES")
+    warm_start_from: str | None = Field(default=None, description="model key whose latest calibration seeds CMA-ES")
 
 
 class Stage:
@@ -200,7 +200,7 @@ class Stage:
 
         return StoredImageCache(self.store, self.catalog, self.model)
 
-    def prompts(self, split: str | None = None) -> list["Prompt"]:
+    def prompts(self, split: str | None = None) -> list[Prompt]:
         return load_prompt_set(self.catalog, self.run_key, split)
 
     def rewards(self, names: Sequence[str]) -> list:
@@ -250,7 +250,7 @@ def warm_text_cache(backbone, store, model: str, reward: str) -> None:
     encoder.import_cache(texts, store.get_safetensors(key))
 
 
-def cells(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> tuple[list["Prompt"], list[int]]:
+def cells(prompts: Sequence[Prompt], seeds: Sequence[int]) -> tuple[list[Prompt], list[int]]:
     """Every (prompt, seed) pair, prompt-major: what the analyses call cells."""
     return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
 

@@ -7,24 +7,23 @@ calibration NFE, a calibration that selected x0) is read back from the image cac
 
 import dagster as dg
 
+from calibri_pipeline.assets.alternatives import load_tunings
 from calibri_pipeline.assets.baselines import baseline_scores
 from calibri_pipeline.assets.calibration import calibration, load_calibration
-from calibri_pipeline.assets.alternatives import load_tunings
 from calibri_pipeline.assets.common import (
     GROUP,
     PARTITIONS,
     CalibriConfig,
     Stage,
     check_run_key,
-    latest_calibration,
     grid_of,
     image_rows,
+    latest_calibration,
     png_markdown,
     table_md,
 )
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
-
 from calibri_pipeline.report import SETTING_TAGS, evaluation_frames
+from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[calibration, baseline_scores], pool=GPU_POOL,
@@ -53,7 +52,7 @@ def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog
     run_guidance = run_config.get("guidance")
     tunings = load_tunings(stage)
     settings, references = comparison_settings(
-        preset, stage.backbone, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings,
+        preset, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings,
         slg_space=stage.space("block"))
     test = stage.prompts("test")
     rewards = stage.rewards(stage.eval_reward_names)  # loaded once for every setting

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, ru
 
 import torch
 
-
 if TYPE_CHECKING:
     from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.population import SamplingSettings
@@ -38,24 +37,24 @@ class Backbone(Protocol):
     """
 
     name: str
-    transformer: "torch.nn.Module"
+    transformer: torch.nn.Module
     uses_cfg: bool
     default_steps: int
     default_guidance: float | None
 
     def generate(
         self,
-        prompts: Sequence["Prompt"],
+        prompts: Sequence[Prompt],
         seeds: Sequence[int],
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        space: "CalibrationSpace | None" = None,
-        vectors: "torch.Tensor | None" = None,
+        space: CalibrationSpace | None = None,
+        vectors: torch.Tensor | None = None,
         n_models: int = 1,
         max_batch: int | None = None,
         progress: bool = False,
-    ) -> "torch.Tensor":
+    ) -> torch.Tensor:
         """Return images ``[N, 3, H, W]`` float32 in ``[0, 1]`` on the CPU."""
         ...
 
@@ -63,11 +62,11 @@ class Backbone(Protocol):
         self,
         texts: Sequence[str],
         seeds: Sequence[int],
-        settings: "SamplingSettings",
-        search: "SearchSpace | None" = None,
-        vectors: "torch.Tensor | None" = None,
+        settings: SamplingSettings,
+        search: SearchSpace | None = None,
+        vectors: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> "torch.Tensor":
+    ) -> torch.Tensor:
         """:meth:`generate` for inputs already checked (vectors ``[N, D]`` from ``search.check``)."""
         ...
 
@@ -80,7 +79,7 @@ class Backbone(Protocol):
 # Small shared helpers
 # --------------------------------------------------------------------------------------------
 
-def prompt_texts(prompts: Sequence["Prompt | str"]) -> list[str]:
+def prompt_texts(prompts: Sequence[Prompt | str]) -> list[str]:
     """The texts of Prompt records (or strings); a clear error for anything else."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of Prompt records (or strings), not a single string")
@@ -151,12 +150,12 @@ class SamplingBackbone:
 
     def generate(
         self,
-        prompts: Sequence["Prompt | str"],
+        prompts: Sequence[Prompt | str],
         seeds: Sequence[int],
         *,
         steps: int | None = None,
         guidance: float | None = None,
-        space: "CalibrationSpace | None" = None,
+        space: CalibrationSpace | None = None,
         vectors: torch.Tensor | None = None,
         n_models: int = 1,
         max_batch: int | None = None,
@@ -203,8 +202,8 @@ class SamplingBackbone:
         self,
         texts: Sequence[str],
         seeds: Sequence[int],
-        settings: "SamplingSettings",
-        search: "SearchSpace | None" = None,
+        settings: SamplingSettings,
+        search: SearchSpace | None = None,
         vectors: torch.Tensor | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> torch.Tensor:

@@ -52,8 +52,7 @@ from calibri_pipeline.backbones.base import SamplingBackbone, positive_int, seed
 from calibri_pipeline.tensors import realign_cpu_weights, weights_fingerprint
 
 if TYPE_CHECKING:
-    from calibri_pipeline.method.space import CalibrationSpace
-    from calibri_pipeline.prompts.base import Prompt
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +303,7 @@ class DiffusersBackbone(SamplingBackbone):
         lora_scale: float = 1.0,
         lora_weight_name: str | None = None,
         **options: Any,
-    ) -> "DiffusersBackbone":
+    ) -> DiffusersBackbone:
         """Wrap a pipeline object; ``lora`` (path, hub id or state dict) is fused into it first."""
         transformer = getattr(pipeline, "transformer", None)
         if transformer is None:
@@ -340,7 +339,7 @@ class DiffusersBackbone(SamplingBackbone):
         cache_dir: str | Path | None = None,
         torch_dtype: torch.dtype | str | None = None,
         **options: Any,
-    ) -> "DiffusersBackbone":
+    ) -> DiffusersBackbone:
         """Load a pipeline (hub id or local folder) with ``from_pretrained`` and wrap it.
 
         ``device`` defaults to CUDA when available; ``dtype`` to bf16 on a GPU and float32 on the CPU.

@@ -23,16 +23,16 @@ from calibri_pipeline.backbones.base import Backbone
 
 
 @dataclass(frozen=True)
-class Preset:
+class HubModel:
     arch: str
     hub_id: str
     description: str
 
 
-PRESETS: dict[str, Preset] = {
-    "flux": Preset("flux", "black-forest-labs/FLUX.1-dev", "FLUX.1-dev (guidance-distilled, 12B)"),
-    "sd3": Preset("sd3", "stabilityai/stable-diffusion-3.5-medium", "Stable Diffusion 3.5 Medium (CFG, 2.5B)"),
-    "qwen-image": Preset("qwen-image", "Qwen/Qwen-Image", "Qwen-Image (true CFG, 20B)"),
+HUB_MODELS: dict[str, HubModel] = {
+    "flux": HubModel("flux", "black-forest-labs/FLUX.1-dev", "FLUX.1-dev (guidance-distilled, 12B)"),
+    "sd3": HubModel("sd3", "stabilityai/stable-diffusion-3.5-medium", "Stable Diffusion 3.5 Medium (CFG, 2.5B)"),
+    "qwen-image": HubModel("qwen-image", "Qwen/Qwen-Image", "Qwen-Image (true CFG, 20B)"),
 }
 ALIASES: dict[str, str] = {
     "flux-dev": "flux",
@@ -53,11 +53,11 @@ TOY = "toy"
 def available() -> dict[str, str]:
     """Names :func:`load_backbone` knows, with what they load."""
     out = {TOY: "the embedded toy DiT (trained in this project; CPU, offline)"}
-    out.update({name: f"{p.description}: {p.hub_id}" for name, p in PRESETS.items()})
+    out.update({name: f"{p.description}: {p.hub_id}" for name, p in HUB_MODELS.items()})
     return out
 
 
-def resolve(kind_or_id: str) -> tuple[str, Preset | None]:
+def resolve(kind_or_id: str) -> tuple[str, HubModel | None]:
     """``(key, preset)``: a known name (presets and aliases, case-insensitive) or ``(kind_or_id, None)``."""
     if not isinstance(kind_or_id, str):
         raise TypeError(f"backbone must be a name, hub id or path (str), got {type(kind_or_id).__name__}")
@@ -68,8 +68,8 @@ def resolve(kind_or_id: str) -> tuple[str, Preset | None]:
     key = ALIASES.get(key, key)
     if key == TOY:
         return TOY, None
-    if key in PRESETS:
-        return key, PRESETS[key]
+    if key in HUB_MODELS:
+        return key, HUB_MODELS[key]
     return text, None
 
 
@@ -93,7 +93,7 @@ def load_backbone(kind_or_id: str, **options: Any) -> Backbone:
         options.setdefault("name", key)
         return DiffusersBackbone.from_pretrained(source, arch=preset.arch, **options)
     if "path" in options:
-        raise TypeError(f"path= is only for presets ({', '.join(PRESETS)}); {kind_or_id!r} is already the source")
+        raise TypeError(f"path= is only for presets ({', '.join(HUB_MODELS)}); {kind_or_id!r} is already the source")
     if "/" not in key and "\\" not in key and not key.startswith((".", "~")):
         from pathlib import Path
 
@@ -117,4 +117,4 @@ def _load_toy(options: dict[str, Any]) -> Backbone:
     return load_toy_backbone(**options)
 
 
-__all__ = ["load_backbone", "available", "resolve", "PRESETS", "ALIASES", "Preset"]
+__all__ = ["load_backbone", "available", "resolve", "HUB_MODELS", "ALIASES", "HubModel"]

@@ -25,8 +25,6 @@ from calibri_pipeline.backbones.base import SamplingBackbone, seeded_noise
 from calibri_pipeline.tensors import weights_fingerprint
 
 if TYPE_CHECKING:
-    from calibri_pipeline.method.space import CalibrationSpace
-    from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
 WEIGHTS_PACKAGE = "calibri_pipeline.backbones"
@@ -103,7 +101,7 @@ class ToyModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ToyModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ToyModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -216,7 +214,7 @@ class ToyBackbone(SamplingBackbone):
         self,
         transformer: torch.nn.Module,
         config: ToyModelConfig,
-        text_encoder: "MiniLMTextEncoder | None" = None,
+        text_encoder: MiniLMTextEncoder | None = None,
         *,
         default_steps: int = 30,
         default_guidance: float = 3.5,
@@ -238,7 +236,7 @@ class ToyBackbone(SamplingBackbone):
         self._fingerprint: str | None = None
 
     @property
-    def text_encoder(self) -> "MiniLMTextEncoder":
+    def text_encoder(self) -> MiniLMTextEncoder:
         if self._text_encoder is None:
             from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
@@ -312,7 +310,7 @@ def load_toy_backbone(
     path: str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-    text_encoder: "MiniLMTextEncoder | None" = None,
+    text_encoder: MiniLMTextEncoder | None = None,
 ) -> ToyBackbone:
     """Load a trained toy checkpoint (default: the one shipped in the package). Never trains."""
     from safetensors import SafetensorError

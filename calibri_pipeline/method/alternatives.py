@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
 import torch
 
 from calibri_pipeline.method.analysis import Setting, evaluate_settings
@@ -44,7 +43,7 @@ class Tuned:
     label: str  # the chosen candidate's label in ``table``
     setting: Setting
     val_mean: float
-    table: "pl.DataFrame"
+    table: pl.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,8 +60,8 @@ def _best(result, reward: str) -> tuple[str, float]:
 
 
 def tune_guidance(
-    evaluator: "PopulationEvaluator",
-    prompts: Sequence["Prompt"],
+    evaluator: PopulationEvaluator,
+    prompts: Sequence[Prompt],
     seeds: Sequence[int],
     *,
     grid: Sequence[float] = DEFAULT_GUIDANCE_GRID,
@@ -81,12 +80,12 @@ def tune_guidance(
     return Tuned("guidance-tuned", label, chosen, mean, result.table, {"guidance": chosen.guidance, "default": default})
 
 
-def slg_search(space: "CalibrationSpace") -> SearchSpace:
+def slg_search(space: CalibrationSpace) -> SearchSpace:
     """The CFG layout with a third member: what skip-layer guidance is as a Calibri ensemble."""
     return SearchSpace(space, EnsembleLayout(space.size, 3, cfg=True))
 
 
-def slg_vector(space: "CalibrationSpace", skip: Sequence[int], guidance: float, scale: float) -> torch.Tensor:
+def slg_vector(space: CalibrationSpace, skip: Sequence[int], guidance: float, scale: float) -> torch.Tensor:
     """Skip-layer guidance in the 3-member CFG layout: CFG at ``guidance`` + ``scale`` x (cond - cond with ``skip`` bypassed)."""
     if not skip:
         raise ValueError("skip-layer guidance needs at least one coefficient to skip")
@@ -99,7 +98,7 @@ def slg_vector(space: "CalibrationSpace", skip: Sequence[int], guidance: float, 
     return search.layout.join(coefficients, torch.tensor([g + s, 1.0 - g, -s]))
 
 
-def slg_layer_candidates(ablation: "pl.DataFrame", count: int = 3) -> list[tuple[int, ...]]:
+def slg_layer_candidates(ablation: pl.DataFrame, count: int = 3) -> list[tuple[int, ...]]:
     """Blocks to try skipping: the ``count`` whose bypass hurts least (the block ablation, Fig. 3a),
     each alone (diffusers' SLG skips a few middle blocks of SD-3.5; this model's own ablation says
     which of its blocks the model leans on least)."""
@@ -108,9 +107,9 @@ def slg_layer_candidates(ablation: "pl.DataFrame", count: int = 3) -> list[tuple
 
 
 def tune_slg(
-    evaluator: "PopulationEvaluator",
-    space: "CalibrationSpace",
-    prompts: Sequence["Prompt"],
+    evaluator: PopulationEvaluator,
+    space: CalibrationSpace,
+    prompts: Sequence[Prompt],
     seeds: Sequence[int],
     *,
     layer_sets: Sequence[Sequence[int]],

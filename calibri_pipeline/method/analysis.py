@@ -41,7 +41,7 @@ class AnalysisResult:
     """A table (polars), the raw per-cell scores behind it and how to plot it."""
 
     kind: str  # "block_ablation" | "scale_sweep" | "settings" | "nfe"
-    table: "pl.DataFrame"
+    table: pl.DataFrame
     scores: dict[str, np.ndarray]  # reward -> [rows, cells] (row meaning depends on kind)
     cells: list[dict[str, Any]]  # prompt_id and seed of every column of the score matrices
     meta: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +67,7 @@ class AnalysisResult:
 # --------------------------------------------------------------------------------------------
 
 
-def _cells(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> tuple[list["Prompt"], list[int], list[dict[str, Any]]]:
+def _cells(prompts: Sequence[Prompt], seeds: Sequence[int]) -> tuple[list[Prompt], list[int], list[dict[str, Any]]]:
     if len(prompts) == 0:
         raise ValueError("the analysis needs at least one prompt")
     seeds = [int(s) for s in seeds]
@@ -81,7 +81,7 @@ def _cells(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> tuple[list["Pro
     return cell_prompts, cell_seeds, cells
 
 
-def infer_n_models(space: "CalibrationSpace", vector: Any) -> int:
+def infer_n_models(space: CalibrationSpace, vector: Any) -> int:
     """The ensemble size a search vector was made for (``len = n * (size + 1)``)."""
     length = int(torch.as_tensor(np.asarray(vector) if not isinstance(vector, torch.Tensor) else vector).numel())
     n, rest = divmod(length, space.size + 1)
@@ -93,7 +93,7 @@ def infer_n_models(space: "CalibrationSpace", vector: Any) -> int:
     return n
 
 
-def _one_model_block_search(evaluator: "PopulationEvaluator", what: str) -> "SearchSpace":
+def _one_model_block_search(evaluator: PopulationEvaluator, what: str) -> SearchSpace:
     search = evaluator.search
     if search is None or search.n_models != 1:
         raise ValueError(f"{what} needs an evaluator over one model's coefficients (SearchSpace with n_models=1)")
@@ -108,8 +108,8 @@ def _one_model_block_search(evaluator: "PopulationEvaluator", what: str) -> "Sea
 
 
 def block_ablation(
-    evaluator: "PopulationEvaluator",
-    prompts: Sequence["Prompt"],
+    evaluator: PopulationEvaluator,
+    prompts: Sequence[Prompt],
     *,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     n_boot: int = 2000,
@@ -160,8 +160,8 @@ def block_ablation(
 
 
 def scale_sweep(
-    evaluator: "PopulationEvaluator",
-    prompts: Sequence["Prompt"],
+    evaluator: PopulationEvaluator,
+    prompts: Sequence[Prompt],
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -233,13 +233,13 @@ class Setting:
     vector: Any = None
     steps: int | None = None
     guidance: float | None = None
-    search: "SearchSpace | None" = None
+    search: SearchSpace | None = None
 
 
 def evaluate_settings(
-    evaluator: "PopulationEvaluator",
+    evaluator: PopulationEvaluator,
     settings: Mapping[str, Setting],
-    prompts: Sequence["Prompt"],
+    prompts: Sequence[Prompt],
     *,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     reference: str | None = None,
@@ -343,13 +343,13 @@ def evaluate_settings(
 
 
 def nfe_study(
-    evaluator: "PopulationEvaluator",
+    evaluator: PopulationEvaluator,
     vectors: Mapping[str, Any],
     steps_list: Sequence[int],
-    prompts: Sequence["Prompt"],
+    prompts: Sequence[Prompt],
     *,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    searches: Mapping[str, "SearchSpace"] | None = None,
+    searches: Mapping[str, SearchSpace] | None = None,
     guidance: float | None = None,
     n_boot: int = 2000,
     level: float = 0.95,
@@ -392,7 +392,7 @@ def nfe_study(
 # --------------------------------------------------------------------------------------------
 
 
-def table_markdown(table: "pl.DataFrame", digits: int = 4) -> str:
+def table_markdown(table: pl.DataFrame, digits: int = 4) -> str:
     """A GitHub-flavoured markdown table (floats rounded to ``digits``)."""
     def cell(v: Any) -> str:
         if v is None:
@@ -430,7 +430,7 @@ def _short(name: str) -> str:
     return name
 
 
-def plot_block_ablation(table: "pl.DataFrame", title: str | None = None) -> bytes:
+def plot_block_ablation(table: pl.DataFrame, title: str | None = None) -> bytes:
     """Fig. 3a: reward change per bypassed block, with interval whiskers."""
     names = [_short(n) for n in table["name"].to_list()]
     delta = np.array(table["delta"].to_list())
@@ -448,7 +448,7 @@ def plot_block_ablation(table: "pl.DataFrame", title: str | None = None) -> byte
     return _png(fig)
 
 
-def plot_scale_sweep(table: "pl.DataFrame", title: str | None = None) -> bytes:
+def plot_scale_sweep(table: pl.DataFrame, title: str | None = None) -> bytes:
     """Fig. 3b: heatmap of the reward change, blocks x alpha, zero-centred diverging colours."""
     from matplotlib.colors import TwoSlopeNorm
 
@@ -474,7 +474,7 @@ def plot_scale_sweep(table: "pl.DataFrame", title: str | None = None) -> bytes:
     return _png(fig)
 
 
-def plot_nfe(table: "pl.DataFrame", title: str | None = None) -> bytes:
+def plot_nfe(table: pl.DataFrame, title: str | None = None) -> bytes:
     """Fig. 6: reward vs steps, one line per label with its interval band, one panel per reward."""
     rewards = list(dict.fromkeys(table["reward"].to_list()))
     labels = list(dict.fromkeys(table["label"].to_list()))
@@ -502,7 +502,7 @@ def plot_nfe(table: "pl.DataFrame", title: str | None = None) -> bytes:
     return _png(fig)
 
 
-def plot_settings(table: "pl.DataFrame", title: str | None = None) -> bytes:
+def plot_settings(table: pl.DataFrame, title: str | None = None) -> bytes:
     """Mean reward per setting (point) with interval whiskers, one panel per reward."""
     rewards = list(dict.fromkeys(table["reward"].to_list()))
     fig = _figure(max(4.0, 3.6 * len(rewards)), 3.6)

@@ -57,8 +57,8 @@ class RewardObjective:
     def __init__(
         self,
         evaluator: PopulationEvaluator,
-        train_prompts: Sequence["Prompt"],
-        val_prompts: Sequence["Prompt"],
+        train_prompts: Sequence[Prompt],
+        val_prompts: Sequence[Prompt],
         *,
         reward_weights: Mapping[str, float] | None = None,
         val_seeds: Sequence[int] | None = None,
@@ -138,7 +138,7 @@ class RewardObjective:
             self._set_validation(validation_seeds(self.seed, len(self.val_base), seeds_per_prompt))
         return len(self.val_seeds)
 
-    def _scores(self, vectors: np.ndarray, prompts: Sequence["Prompt"], seeds: Sequence[int], *, store: bool) -> PopulationScores:
+    def _scores(self, vectors: np.ndarray, prompts: Sequence[Prompt], seeds: Sequence[int], *, store: bool) -> PopulationScores:
         per_reward = self.evaluator(np.asarray(vectors, dtype=np.float64), prompts, seeds, store=store).scores
         cells = np.zeros((len(vectors), len(prompts)), dtype=np.float64)
         for r in self.rewards:
@@ -264,17 +264,17 @@ class CalibrationResult:
 
 
 def calibrate(
-    backbone: "Backbone",
-    space: "CalibrationSpace",
-    train_prompts: Sequence["Prompt"],
-    val_prompts: Sequence["Prompt"],
-    rewards: "Reward | Sequence[Reward]",
+    backbone: Backbone,
+    space: CalibrationSpace,
+    train_prompts: Sequence[Prompt],
+    val_prompts: Sequence[Prompt],
+    rewards: Reward | Sequence[Reward],
     *,
     reward_weights: Mapping[str, float] | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     n_models: int = 1,
-    warm_start: "Sequence[float] | np.ndarray | torch.Tensor | None" = None,
+    warm_start: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     config: SearchConfig | None = None,
     val_seeds: Sequence[int] | None = None,
     val_seeds_per_prompt: Sequence[int] | None = None,
@@ -284,7 +284,7 @@ def calibrate(
     on_generation: GenerationCallback | None = None,
     max_batch: int | None = None,
     memory_budget_mb: float | None = None,
-    pool: "RayWorkerPool | None" = None,
+    pool: RayWorkerPool | None = None,
     cache: ImageCache | None = None,
     model: str | None = None,
     initial_stds: Sequence[float] | None = None,

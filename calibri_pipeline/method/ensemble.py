@@ -154,7 +154,7 @@ class SearchSpace:
     between steps); it is exported as a coefficient schedule the sampler applies.
     """
 
-    space: "CalibrationSpace"
+    space: CalibrationSpace
     layout: EnsembleLayout
     segments: tuple[float, ...] = ()
 
@@ -165,8 +165,8 @@ class SearchSpace:
         object.__setattr__(self, "segments", seg)
 
     @classmethod
-    def for_model(cls, space: "CalibrationSpace", n_models: int = 1, *, uses_cfg: bool,
-                  segments: Sequence[float] = ()) -> "SearchSpace":
+    def for_model(cls, space: CalibrationSpace, n_models: int = 1, *, uses_cfg: bool,
+                  segments: Sequence[float] = ()) -> SearchSpace:
         """The one place a layout is made from a calibration space and a backbone's guidance kind."""
         return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)), tuple(segments))
 

@@ -27,7 +27,7 @@ import json
 import math
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -71,7 +71,7 @@ def as_reward_list(rewards: Reward | Sequence[Reward] | Mapping[str, Reward]) ->
     return items
 
 
-def check_prompts_seeds(prompts: Sequence["Prompt"], seeds: Sequence[int]) -> list[int]:
+def check_prompts_seeds(prompts: Sequence[Prompt], seeds: Sequence[int]) -> list[int]:
     if len(prompts) == 0:
         raise ValueError("no prompts to evaluate")
     seeds = [int(s) for s in seeds]
@@ -110,7 +110,7 @@ class SamplingSettings:
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0):
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
 
-    def resolved(self, backbone: "Backbone") -> "SamplingSettings":
+    def resolved(self, backbone: Backbone) -> SamplingSettings:
         """Steps and guidance filled in from the backbone's defaults."""
         return replace(
             self,
@@ -118,7 +118,7 @@ class SamplingSettings:
             guidance=self.guidance if self.guidance is not None else backbone.default_guidance,
         )
 
-    def with_(self, **changes: Any) -> "SamplingSettings":
+    def with_(self, **changes: Any) -> SamplingSettings:
         return replace(self, **changes)
 
 
@@ -127,15 +127,15 @@ class SamplingSettings:
 # --------------------------------------------------------------------------------------------
 
 # backbone -> {(search dimension, n_models): MiB per image}; weak so a dropped backbone frees its entry
-_MEMORY_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[int, int], float]]" = weakref.WeakKeyDictionary()
+_MEMORY_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], float]] = weakref.WeakKeyDictionary()
 #: a forward holds its input, output and a few intermediates of the largest size at once
 _ACTIVATION_SAFETY = 4.0
 
 
 def estimate_image_memory_mb(
-    backbone: "Backbone",
-    space: "CalibrationSpace | SearchSpace | None",
-    prompt: "Prompt",
+    backbone: Backbone,
+    space: CalibrationSpace | SearchSpace | None,
+    prompt: Prompt,
     *,
     n_models: int = 1,
     guidance: float | None = None,
@@ -196,7 +196,7 @@ def max_batch_for_budget(memory_budget_mb: float, per_image_mb: float) -> int:
 
 
 def resolve_max_batch(
-    backbone: "Backbone", search: SearchSpace | None, prompt: "Prompt", settings: SamplingSettings
+    backbone: Backbone, search: SearchSpace | None, prompt: Prompt, settings: SamplingSettings
 ) -> int | None:
     """``max_batch`` when given, else derived from ``memory_budget_mb``, else None (the backbone's own)."""
     if settings.max_batch is not None:
@@ -261,7 +261,7 @@ def unmodified_guidance(search: SearchSpace, vector: torch.Tensor, guidance: flo
 class ImageJob:
     """One image to have: its prompt, noise seed and Calibri vector (None: the unmodified model)."""
 
-    prompt: "Prompt"
+    prompt: Prompt
     seed: int
     vector: torch.Tensor | None
     key: str
@@ -286,7 +286,7 @@ class CachedImage:
     image: torch.Tensor  # [3, H, W] float32, already 8-bit exact
     model: str
     identity: str  # digest of the backbone's identity()
-    prompt: "Prompt"
+    prompt: Prompt
     seed: int
     steps: int
     guidance: float | None
@@ -354,7 +354,7 @@ class EvaluatorStats:
     seconds: float = 0.0
 
 
-def score_images(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence["Prompt"]) -> dict[str, torch.Tensor]:
+def score_images(rewards: Sequence[Reward], images: torch.Tensor, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
     """Every reward on a batch of 8-bit images: ``{name: [N]}`` (checked finite, one per image)."""
     return {r.name: check_scores(r.name, r(images, prompts), len(prompts)) for r in rewards}
 
@@ -369,7 +369,7 @@ class PopulationEvaluator:
 
     def __init__(
         self,
-        backbone: "Backbone",
+        backbone: Backbone,
         search: SearchSpace | None,
         rewards: Reward | Sequence[Reward] | Mapping[str, Reward],
         sampling: SamplingSettings | None = None,
@@ -391,14 +391,14 @@ class PopulationEvaluator:
 
     # -- configuration -----------------------------------------------------------------------
 
-    def with_sampling(self, **changes: Any) -> "PopulationEvaluator":
+    def with_sampling(self, **changes: Any) -> PopulationEvaluator:
         """The same evaluator (backbone, rewards, cache, workers) at other sampling settings."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other.sampling = self.sampling.with_(**changes).resolved(self.backbone)
         return other
 
-    def with_search(self, search: SearchSpace | None) -> "PopulationEvaluator":
+    def with_search(self, search: SearchSpace | None) -> PopulationEvaluator:
         """The same evaluator for vectors of another search space (e.g. a wider ensemble)."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
@@ -417,7 +417,7 @@ class PopulationEvaluator:
     def __call__(
         self,
         vectors: Any,
-        prompts: Sequence["Prompt"],
+        prompts: Sequence[Prompt],
         seeds: Sequence[int],
         *,
         store: bool = True,
@@ -463,7 +463,7 @@ class PopulationEvaluator:
         self.stats.seconds += seconds
         return Evaluation(scores, keys, torch.cat(kept) if keep_images else None, generated, cached, seconds)
 
-    def _job(self, vector: torch.Tensor | None, prompt: "Prompt", seed: int) -> ImageJob:
+    def _job(self, vector: torch.Tensor | None, prompt: Prompt, seed: int) -> ImageJob:
         guidance = self.sampling.guidance
         if vector is not None:
             at = unmodified_guidance(self.search, vector, guidance)
@@ -528,7 +528,7 @@ class PopulationEvaluator:
 
 
 def make_and_score(
-    backbone: "Backbone",
+    backbone: Backbone,
     search: SearchSpace | None,
     jobs: Sequence[ImageJob],
     settings: SamplingSettings,
@@ -569,17 +569,17 @@ class LocalEvaluator(PopulationEvaluator):
         return scores, images if want_images else None
 
 
-def _as_search(backbone: "Backbone", space: "CalibrationSpace | SearchSpace | None", n_models: int) -> SearchSpace | None:
+def _as_search(backbone: Backbone, space: CalibrationSpace | SearchSpace | None, n_models: int) -> SearchSpace | None:
     if space is None or isinstance(space, SearchSpace):
         return space
     return SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg))
 
 
 def evaluate_population(
-    backbone: "Backbone",
-    space: "CalibrationSpace | SearchSpace | None",
+    backbone: Backbone,
+    space: CalibrationSpace | SearchSpace | None,
     vectors: Any,
-    prompts: Sequence["Prompt"],
+    prompts: Sequence[Prompt],
     seeds: Sequence[int],
     reward: Reward | Sequence[Reward] | Mapping[str, Reward],
     *,
@@ -606,10 +606,10 @@ def evaluate_population(
 
 
 def evaluate_population_loop(
-    backbone: "Backbone",
-    space: "CalibrationSpace | None",
+    backbone: Backbone,
+    space: CalibrationSpace | None,
     vectors: Any,
-    prompts: Sequence["Prompt"],
+    prompts: Sequence[Prompt],
     seeds: Sequence[int],
     reward: Reward | Sequence[Reward] | Mapping[str, Reward],
     *,

@@ -47,7 +47,6 @@ from calibri_pipeline.method.population import (
 if TYPE_CHECKING:
     from calibri_pipeline.backbones.base import Backbone
     from calibri_pipeline.method.space import CalibrationSpace
-    from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.rewards.base import Reward
 
 BackboneFactory = Callable[[], "Backbone"]
@@ -116,8 +115,8 @@ class PopulationWorker:
         if threads is not None:
             torch.set_num_threads(threads)
         self.backbone = backbone_factory()
-        self._spaces: dict[str, "CalibrationSpace"] = {}
-        self._rewards: dict[str, list["Reward"]] = {}
+        self._spaces: dict[str, CalibrationSpace] = {}
+        self._rewards: dict[str, list[Reward]] = {}
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -127,7 +126,7 @@ class PopulationWorker:
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "backbone": getattr(self.backbone, "name", type(self.backbone).__name__)}
 
-    def _space(self, granularity: str, names: Sequence[str]) -> "CalibrationSpace":
+    def _space(self, granularity: str, names: Sequence[str]) -> CalibrationSpace:
         if granularity not in self._spaces:
             from calibri_pipeline.method.space import CalibrationSpace
 
@@ -140,7 +139,7 @@ class PopulationWorker:
             )
         return space
 
-    def _reward_list(self, key: str, holder: list[Any]) -> list["Reward"]:
+    def _reward_list(self, key: str, holder: list[Any]) -> list[Reward]:
         # the rewards come as an object reference inside a list (so Ray does not resolve it on
         # every call): fetched and deserialised once per worker
         if key not in self._rewards:
@@ -232,7 +231,7 @@ class RayWorkerPool:
         self.max_retries = max_retries
         self.stats = PoolStats()
         self._workers: list[Any] = []
-        self._reward_cache: dict[tuple[int, ...], tuple[str, list[Any], list["Reward"]]] = {}
+        self._reward_cache: dict[tuple[int, ...], tuple[str, list[Any], list[Reward]]] = {}
         self._created_temp_dir: str | None = None
         if not ray.is_initialized() and address in (None, "local") and temp_dir is None:
             # ours, so close() can remove the session files again
@@ -319,7 +318,7 @@ class RayWorkerPool:
             shutil.rmtree(self._created_temp_dir, ignore_errors=True)
             self._created_temp_dir = None
 
-    def __enter__(self) -> "RayWorkerPool":
+    def __enter__(self) -> RayWorkerPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -327,7 +326,7 @@ class RayWorkerPool:
 
     # -- rewards travel once -----------------------------------------------------------------
 
-    def _rewards_ref(self, rewards: list["Reward"]) -> tuple[str, list[Any]]:
+    def _rewards_ref(self, rewards: list[Reward]) -> tuple[str, list[Any]]:
         key = tuple(id(r) for r in rewards)
         cached = self._reward_cache.get(key)
         # the cache keeps the reward objects alive, so their ids cannot be reused by others
@@ -340,12 +339,12 @@ class RayWorkerPool:
 
     def evaluator(
         self,
-        backbone: "Backbone",
+        backbone: Backbone,
         search: SearchSpace | None,
         rewards: Any,
         sampling: SamplingSettings | None = None,
         **options: Any,
-    ) -> "RayPopulationEvaluator":
+    ) -> RayPopulationEvaluator:
         """A population evaluator whose missing images are made on this pool's workers.
 
         ``backbone`` is the caller's own replica: it gives sampling defaults and the identity that
@@ -360,7 +359,7 @@ class RayWorkerPool:
         jobs: Sequence[ImageJob],
         search: SearchSpace | None,
         sampling: SamplingSettings,
-        rewards: Sequence["Reward"],
+        rewards: Sequence[Reward],
         *,
         want_images: bool,
         progress: Callable[[int], None] | None = None,
@@ -439,7 +438,7 @@ class RayPopulationEvaluator(PopulationEvaluator):
     """A :class:`~calibri_pipeline.method.population.PopulationEvaluator` whose images are made on a
     :class:`RayWorkerPool` (build it with :meth:`RayWorkerPool.evaluator`)."""
 
-    def __init__(self, backbone: "Backbone", search: SearchSpace | None, rewards: Any,
+    def __init__(self, backbone: Backbone, search: SearchSpace | None, rewards: Any,
                  sampling: SamplingSettings | None = None, *, pool: RayWorkerPool, **options: Any) -> None:
         super().__init__(backbone, search, rewards, sampling, **options)
         self.pool = pool

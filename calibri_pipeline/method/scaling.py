@@ -20,7 +20,7 @@ coordinate gets its own initial standard deviation (pycma's ``CMA_stds``):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 STD_RANGE = (0.01, 0.5)
 
 
-def sweep_curvatures(sweep: "pl.DataFrame", max_distance: float = 0.5) -> dict[str, float]:
+def sweep_curvatures(sweep: pl.DataFrame, max_distance: float = 0.5) -> dict[str, float]:
     """Per block: ``k`` in ``Δ(α) ≈ -k (α - 1)²``, least squares over the sweep's α within ``max_distance`` of 1.
 
     Only the α near 1 count (when the grid has any there): the search starts near x0, and bypassing a
@@ -69,7 +69,7 @@ def _block_of(name: str, blocks: Sequence[str]) -> str | None:
 
 
 def initial_stds(
-    search: "SearchSpace",
+    search: SearchSpace,
     curvatures: Mapping[str, float] | None,
     *,
     target_drop: float = 0.03,
@@ -121,9 +121,4 @@ def initial_stds(
     return (stds + weights) * search.n_segments  # every part of the schedule starts alike
 
 
-def describe_stds(search: "SearchSpace", stds: Sequence[float], names: Sequence[str]) -> list[dict[str, Any]]:
-    """``[{name, std}]`` for metadata and logs."""
-    return [{"name": n, "std": float(s)} for n, s in zip(names, stds)]
-
-
-__all__ = ["sweep_curvatures", "initial_stds", "describe_stds", "STD_RANGE"]
+__all__ = ["sweep_curvatures", "initial_stds", "STD_RANGE"]

@@ -147,7 +147,7 @@ class SearchConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SearchConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -450,17 +450,17 @@ class SearchResult:
     def improved(self) -> bool:
         return self.val_score > self.baseline_val_score
 
-    def generations_frame(self) -> "pl.DataFrame":
+    def generations_frame(self) -> pl.DataFrame:
         import polars as pl
 
         return pl.DataFrame(self.generations)
 
-    def candidates_frame(self) -> "pl.DataFrame":
+    def candidates_frame(self) -> pl.DataFrame:
         import polars as pl
 
         return pl.DataFrame(self.candidates)
 
-    def validations_frame(self) -> "pl.DataFrame":
+    def validations_frame(self) -> pl.DataFrame:
         import polars as pl
 
         return pl.DataFrame(self.validations)
@@ -523,7 +523,7 @@ class CalibrationRun:
         # search coordinates -> the vectors the objective scores (identity unless a reparameterisation)
         self.decode = decode if decode is not None else (lambda z: np.array(z, dtype=np.float64))
         self.names = list(names) if names is not None else None
-        n_items = int(getattr(objective, "n_train_items"))
+        n_items = int(objective.n_train_items)
         if n_items < self.config.bucket_size:
             raise ValueError(
                 f"bucket_size={self.config.bucket_size} needs at least that many training prompts, got {n_items}"
@@ -649,7 +649,7 @@ class CalibrationRun:
             confirmation=confirmation,
         )
 
-    def _confirm(self, log: "_RunLog") -> dict[str, Any]:
+    def _confirm(self, log: _RunLog) -> dict[str, Any]:
         """Re-score x0 and the best validated vectors on fresh seeds; keep x0 unless one really is better."""
         x0 = log.validations[0]
         others = sorted((v for v in log.validations[1:]), key=lambda v: -v["score"])
@@ -684,7 +684,7 @@ class CalibrationRun:
                 "differs from the stored one (different pycma/NumPy build?); start over with resume=False"
             )
 
-    def _generation(self, es: Any, rng: _PrivateNumpyRandom, generation: int, log: "_RunLog") -> dict[str, Any]:
+    def _generation(self, es: Any, rng: _PrivateNumpyRandom, generation: int, log: _RunLog) -> dict[str, Any]:
         """ask -> score on the generation's bucket -> tell -> maybe validate -> the record to keep."""
         cfg = self.config
         started = time.perf_counter()
@@ -755,7 +755,7 @@ class CalibrationRun:
             means.append(float(self.objective.train(x0, bucket).fitness[0]))
         report = measure_noise(scores.cells, 0, means)
         if cfg.target_gain is not None:
-            n_prompts = int(getattr(self.objective, "n_val_items"))
+            n_prompts = int(self.objective.n_val_items)
             seeds = validation_seeds_needed(report.pair_sd, cfg.target_gain, n_prompts, cfg.max_val_seeds)
             report.val_seeds_per_prompt = seeds
             report.val_images = int(self.objective.resize_validation(seeds))

@@ -212,7 +212,7 @@ class CalibrationSpace:
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_transformer(cls, transformer: nn.Module, granularity: str = "block") -> "CalibrationSpace":
+    def from_transformer(cls, transformer: nn.Module, granularity: str = "block") -> CalibrationSpace:
         if granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         return cls(discover_branches(transformer), granularity, type(transformer).__name__)

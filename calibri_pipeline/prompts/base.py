@@ -42,7 +42,7 @@ class Prompt:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Prompt":
+    def from_dict(cls, d: dict[str, Any]) -> Prompt:
         return cls(
             text=d["text"],
             spec=d.get("spec"),

@@ -17,7 +17,7 @@ default); a step waiting for a slot shows as blocked in the UI.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 from pydantic import Field, field_validator
@@ -37,7 +37,7 @@ class ComputeResource(dg.ConfigurableResource):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="model weights and activations dtype"
     )
-    threads: Optional[int] = Field(
+    threads: int | None = Field(
         default=None, description="torch CPU threads for the step (None: torch's default)"
     )
 
@@ -50,7 +50,7 @@ class ComputeResource(dg.ConfigurableResource):
 
     @field_validator("threads")
     @classmethod
-    def _check_threads(cls, value: Optional[int]) -> Optional[int]:
+    def _check_threads(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError(f"threads must be a positive integer or None, got {value}")
         return value
@@ -61,7 +61,7 @@ class ComputeResource(dg.ConfigurableResource):
 
             torch.set_num_threads(self.threads)
 
-    def torch_device(self) -> "torch.device":
+    def torch_device(self) -> torch.device:
         """The resolved device; a clear error when CUDA is asked for and absent."""
         import torch
 
@@ -75,7 +75,7 @@ class ComputeResource(dg.ConfigurableResource):
                 raise RuntimeError(f"compute device {self.device!r}: only {torch.cuda.device_count()} CUDA devices visible")
         return torch.device(self.device)
 
-    def torch_dtype(self) -> "torch.dtype":
+    def torch_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.dtype)

@@ -10,7 +10,7 @@ the cluster has GPUs), see :class:`calibri_pipeline.method.ray_eval.RayWorkerPoo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator
 
 import dagster as dg
 from pydantic import ConfigDict, Field, field_validator
@@ -25,21 +25,21 @@ class RayResource(dg.ConfigurableResource):
     # a mistyped address could hold a secret: validation errors must not echo it back into logs
     model_config = ConfigDict(hide_input_in_errors=True)
 
-    address: Optional[str] = Field(
+    address: str | None = Field(
         default=None,
         description="None: in-process; 'local': a private local Ray cluster; 'auto' or 'host:port': join a "
         "running cluster; 'ray://host:10001': Ray Client",
     )
     n_workers: int = Field(default=2, description="Ray actors, each holding one model replica")
     threads_per_worker: int = Field(default=1, description="torch CPU threads (and Ray CPUs) per actor")
-    gpus_per_worker: Optional[float] = Field(
+    gpus_per_worker: float | None = Field(
         default=None, description="Ray GPUs per actor (None: 1 when the cluster has GPUs, else 0)"
     )
     max_retries: int = Field(default=3, description="re-evaluations of a chunk whose worker died, before failing")
 
     @field_validator("address")
     @classmethod
-    def _check_address(cls, value: Optional[str]) -> Optional[str]:
+    def _check_address(cls, value: str | None) -> str | None:
         if value is None:
             return None
         value = value.strip()
@@ -70,7 +70,7 @@ class RayResource(dg.ConfigurableResource):
         return self.address is not None
 
     @contextmanager
-    def worker_pool(self, backbone_factory: "BackboneFactory") -> Iterator["RayWorkerPool | None"]:
+    def worker_pool(self, backbone_factory: BackboneFactory) -> Iterator[RayWorkerPool | None]:
         """A started worker pool for the step (None when in-process); its workers stop on exit."""
         if not self.enabled:
             yield None

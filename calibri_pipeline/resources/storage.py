@@ -10,8 +10,6 @@ assets. Configuration holds only a URL / path: credentials never appear in resou
 
 from __future__ import annotations
 
-from typing import Optional
-
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
@@ -23,12 +21,12 @@ from calibri_pipeline.storage.paths import default_catalog_path, default_object_
 class ObjectStoreResource(dg.ConfigurableResource):
     """Where images, tensors and CMA-ES state go: a directory path, ``file://`` or ``s3://`` URL."""
 
-    url: Optional[str] = Field(
+    url: str | None = Field(
         default=None,
         description="directory, file:///path or s3://bucket/prefix (None: $CALIBRI_OBJECT_STORE or <CALIBRI_HOME>/objects); "
         "S3 credentials come from the AWS_* environment variables only",
     )
-    _store: Optional[ObjectStore] = PrivateAttr(default=None)
+    _store: ObjectStore | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Build the store at step start so a bad URL or missing S3 credentials fail before any work.
@@ -44,11 +42,11 @@ class ObjectStoreResource(dg.ConfigurableResource):
 class CatalogResource(dg.ConfigurableResource):
     """The DuckDB catalog file (created with its schema on first use)."""
 
-    path: Optional[str] = Field(
+    path: str | None = Field(
         default=None, description="catalog file (None: $CALIBRI_CATALOG or <CALIBRI_HOME>/catalog.duckdb)"
     )
     lock_timeout: float = Field(default=120.0, description="seconds a write waits for the catalog lock")
-    _catalog: Optional[Catalog] = PrivateAttr(default=None)
+    _catalog: Catalog | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._catalog = Catalog(self.path or default_catalog_path(), lock_timeout=self.lock_timeout)

@@ -69,7 +69,7 @@ class ClipSimilarityReward:
             )
         return model.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
 
-    def load(self) -> "ClipSimilarityReward":
+    def load(self) -> ClipSimilarityReward:
         """Load weights now (otherwise on the first call)."""
         if self._model is None:
             from transformers import CLIPModel

@@ -39,7 +39,7 @@ class _BadRequest(Exception):
 
 
 class RewardRequestHandler(BaseHTTPRequestHandler):
-    server: "RewardHTTPServer"
+    server: RewardHTTPServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature

@@ -31,13 +31,13 @@ def _guidance_tag(guidance: float | None) -> str:
     return "gnone" if guidance is None else f"g{guidance:g}".replace("-", "m")
 
 
-def cache_object_key(item: "CachedImage") -> str:
+def cache_object_key(item: CachedImage) -> str:
     setting = "baseline" if item.vector_id == "baseline" else f"v-{item.vector_id[:16]}"
     return (f"images/{item.model}/{item.identity}/{setting}/nfe{item.steps}/{_guidance_tag(item.guidance)}/"
             f"{item.prompt.prompt_id}_{item.seed}.png")
 
 
-def read_png_tensor(store: "ObjectStore", uri: str) -> torch.Tensor:
+def read_png_tensor(store: ObjectStore, uri: str) -> torch.Tensor:
     """A stored PNG as ``[3, H, W]`` float32 in [0, 1] (exactly what was scored)."""
     image = store.get_png(store.key_of(uri)).convert("RGB")
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -46,7 +46,7 @@ def read_png_tensor(store: "ObjectStore", uri: str) -> torch.Tensor:
 class StoredImageCache:
     """Images of one model key: looked up in the catalog, read from and written to the object store."""
 
-    def __init__(self, store: "ObjectStore", catalog: "Catalog", model: str) -> None:
+    def __init__(self, store: ObjectStore, catalog: Catalog, model: str) -> None:
         self.store = store
         self.catalog = catalog
         self.model = model
@@ -69,7 +69,7 @@ class StoredImageCache:
             self.misses += len(keys) - len(found)
         return {k: read_png_tensor(self.store, uri) for k, uri in found.items()}
 
-    def put(self, images: Sequence["CachedImage"]) -> None:
+    def put(self, images: Sequence[CachedImage]) -> None:
         rows = []
         for item in images:
             if item.model != self.model:

@@ -254,7 +254,7 @@ class ObjectStore:
                         pass  # not empty: a concurrent writer put something there
         return len(keys)
 
-    def state_store(self, prefix: str) -> "ObjectStateStore":
+    def state_store(self, prefix: str) -> ObjectStateStore:
         """The engine's resumable-state interface (``save/load/exists``) under ``prefix``."""
         return ObjectStateStore(self, prefix)
 
@@ -271,7 +271,7 @@ class ObjectStore:
         except json.JSONDecodeError as e:
             raise ValueError(f"object {key!r} in {self.url} is not valid JSON: {e}") from e
 
-    def put_png(self, key: str, image: "torch.Tensor | Image.Image | Any") -> str:
+    def put_png(self, key: str, image: torch.Tensor | Image.Image | Any) -> str:
         """Store one image as PNG.
 
         ``image``: a PIL image, a tensor ``[C, H, W]`` (C = 1, 3 or 4; float in [0, 1] or uint8), or a
@@ -283,7 +283,7 @@ class ObjectStore:
         pil.save(buffer, format="PNG")
         return self.put_bytes(key, buffer.getvalue())
 
-    def get_png(self, key: str) -> "Image.Image":
+    def get_png(self, key: str) -> Image.Image:
         from PIL import Image
 
         data = self.get_bytes(key)
@@ -292,7 +292,7 @@ class ObjectStore:
             return img.copy()
 
     def put_safetensors(
-        self, key: str, tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str] | None = None
+        self, key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
     ) -> str:
         """Store a name -> tensor mapping as safetensors (optionally with string metadata)."""
         import torch
@@ -314,7 +314,7 @@ class ObjectStore:
                 raise TypeError(f"put_safetensors({key!r}): metadata must map str to str; bad entries {bad}")
         return self.put_bytes(key, save(prepared, metadata=dict(metadata) if metadata else None))
 
-    def get_safetensors(self, key: str) -> dict[str, "torch.Tensor"]:
+    def get_safetensors(self, key: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
         data = self.get_bytes(key)
@@ -364,7 +364,7 @@ class ObjectStateStore:
         return f"ObjectStateStore({self.store.uri(self.prefix)!r})"
 
 
-def _to_pil(image: Any, key: str) -> "Image.Image":
+def _to_pil(image: Any, key: str) -> Image.Image:
     """Convert a PIL image / CHW tensor / HWC numpy array to an 8-bit PIL image (see put_png)."""
     import numpy as np
     from PIL import Image

@@ -250,7 +250,7 @@ class WorldBatchStream:
             self._workers = None
             self._pending.clear()
 
-    def __enter__(self) -> "WorldBatchStream":
+    def __enter__(self) -> WorldBatchStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ prompt (seed = ``seed + index``) at every step count and scores it with the worl
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field

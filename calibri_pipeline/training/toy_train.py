@@ -160,7 +160,7 @@ class ToyTrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ToyTrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ToyTrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -404,8 +404,8 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         if keep:
             return float(losses.mean())
         for cats_, per in pending_cats:
-            for c, l in zip(cats_, per.cpu().tolist()):
-                cat_losses.setdefault(c, []).append(l)
+            for c, loss in zip(cats_, per.cpu().tolist()):
+                cat_losses.setdefault(c, []).append(loss)
         window, pending_cats = [], []
         return float(losses.mean())
 

@@ -20,7 +20,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.prompts.llm import PromptLLM, clean_completion, text_tokens
 
-
 # =====================================================================================================
 # Checking a rewrite against its world spec
 # =====================================================================================================

@@ -55,7 +55,7 @@ class Scene:
         return {"objects": [asdict(o) for o in self.objects]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Scene":
+    def from_dict(cls, d: dict[str, Any]) -> Scene:
         return cls(tuple(SceneObject(**o) for o in d["objects"]))
 
 

@@ -162,7 +162,7 @@ def _fit_shapes(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tuple[d
     options = []
     for lo_side, hi_side, lo, hi, axis in ((x0, x1, y0, y1, "x"), (y0, y1, x0, x1, "y")):
         lows, highs = [lo_side], [hi_side]
-        strip = (lambda i: coverage[lo:hi, i]) if axis == "x" else (lambda i: coverage[i, lo:hi])
+        strip = (lambda i, lo=lo, hi=hi: coverage[lo:hi, i]) if axis == "x" else (lambda i, lo=lo, hi=hi: coverage[i, lo:hi])
         if lo_side > 0 and strip(lo_side - 1).max() >= TIP_COVERAGE:
             lows.append(lo_side - 1)
         limit = w if axis == "x" else h
