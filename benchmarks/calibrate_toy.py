@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="images per transformer forward (default: the backbone's, 32 for the toy model; on a CPU larger batches are slower)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="images per transformer forward (default: the backbone's, 32 for the toy model; on a CPU larger batches are slower)",
+    )
     p.add_argument("--weights", default=None, help="toy checkpoint directory (default: the one shipped in the package)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -93,17 +97,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     def log(row: dict) -> None:
         val = "" if row["val_score"] is None else f" val={row['val_score']:.4f}{' *' if row['val_is_best'] else ''}"
-        print(f"gen {row['generation']:3d}  sigma={row['sigma']:.4f}  best={row['train_best']:.4f}  "
-              f"mean={row['train_mean']:.4f}{val}  ({row['seconds']:.1f}s)", flush=True)
+        print(
+            f"gen {row['generation']:3d}  sigma={row['sigma']:.4f}  best={row['train_best']:.4f}  "
+            f"mean={row['train_mean']:.4f}{val}  ({row['seconds']:.1f}s)",
+            flush=True,
+        )
 
     result = calibrate(
-        backbone, space, train, val, rewards, reward_weights={args.reward: 1.0}, steps=args.low_steps, guidance=guidance,
-        n_models=args.n_models, config=config, store=LocalStateStore(out / "state"), run_name="run",
-        on_generation=log, max_batch=args.max_batch,
+        backbone,
+        space,
+        train,
+        val,
+        rewards,
+        reward_weights={args.reward: 1.0},
+        steps=args.low_steps,
+        guidance=guidance,
+        n_models=args.n_models,
+        config=config,
+        store=LocalStateStore(out / "state"),
+        run_name="run",
+        on_generation=log,
+        max_batch=args.max_batch,
     )
     search_seconds = time.perf_counter() - started
-    print(f"search: {result.search.n_generations} generations in {search_seconds:.0f}s, stop={result.search.stop_reason}; "
-          f"val {result.baseline_val_score:.4f} -> {result.val_score:.4f} (generation {result.search.best_generation})", flush=True)
+    print(
+        f"search: {result.search.n_generations} generations in {search_seconds:.0f}s, stop={result.search.stop_reason}; "
+        f"val {result.baseline_val_score:.4f} -> {result.val_score:.4f} (generation {result.search.best_generation})",
+        flush=True,
+    )
 
     # ---- held-out evaluation ----------------------------------------------------------------
     seeds = list(range(10_000, 10_000 + args.eval_seeds))  # disjoint from the training noise streams
@@ -112,34 +133,60 @@ def main(argv: list[str] | None = None) -> dict:
         f"baseline@{args.low_steps}": Setting(None, steps=args.low_steps),
         f"calibri@{args.low_steps}": Setting(result.vector, steps=args.low_steps),
     }
-    comparison = evaluate_settings(backbone, settings, test, rewards, space=space, seeds=seeds,
-                                   reference=f"baseline@{default_steps}", max_batch=args.max_batch)
+    comparison = evaluate_settings(
+        backbone,
+        settings,
+        test,
+        rewards,
+        space=space,
+        seeds=seeds,
+        reference=f"baseline@{default_steps}",
+        max_batch=args.max_batch,
+    )
     # paired difference of the calibrated model to the same-steps baseline, per reward
     extra = []
     for name in REWARDS:
         m = comparison.scores[name]
         labels = list(settings)
-        d = paired_difference_ci(m[labels.index(f"calibri@{args.low_steps}")], m[labels.index(f"baseline@{args.low_steps}")])
+        d = paired_difference_ci(
+            m[labels.index(f"calibri@{args.low_steps}")], m[labels.index(f"baseline@{args.low_steps}")]
+        )
         extra.append({"reward": name, "delta_vs_low": d.mean, "delta_vs_low_low": d.low, "delta_vs_low_high": d.high})
     eval_seconds = time.perf_counter() - started - search_seconds
 
     nfe = None
     nfe_steps = [int(s) for s in args.nfe_steps.split(",") if s.strip()]
     if nfe_steps:
-        nfe = nfe_study(backbone, {"baseline": None, f"calibri (tuned @{args.low_steps})": result.vector}, nfe_steps,
-                        test, rewards, space=space, seeds=seeds[:1], max_batch=args.max_batch)
+        nfe = nfe_study(
+            backbone,
+            {"baseline": None, f"calibri (tuned @{args.low_steps})": result.vector},
+            nfe_steps,
+            test,
+            rewards,
+            space=space,
+            seeds=seeds[:1],
+            max_batch=args.max_batch,
+        )
         (out / "nfe.png").write_bytes(nfe.plot())
         (out / "nfe.md").write_text(nfe.markdown())
 
     # ---- write everything -------------------------------------------------------------------
     (out / "evaluation.png").write_bytes(comparison.plot())
-    (out / "training.png").write_bytes(plot_search_history(
-        result.search.generations, title=f"{args.granularity} scaling, n_models={args.n_models}, {args.low_steps} steps"))
+    (out / "training.png").write_bytes(
+        plot_search_history(
+            result.search.generations,
+            title=f"{args.granularity} scaling, n_models={args.n_models}, {args.low_steps} steps",
+        )
+    )
     result.search.generations_frame().drop(["bucket_items", "bucket_seeds"]).write_csv(out / "history.csv")
     summary = {
         "args": vars(args),
         "backbone": {"name": backbone.name, "default_steps": default_steps, "guidance": guidance},
-        "space": {"granularity": space.granularity, "size": space.size, "search_size": space.search_size(args.n_models)},
+        "space": {
+            "granularity": space.granularity,
+            "size": space.size,
+            "search_size": space.search_size(args.n_models),
+        },
         "popsize": result.search.popsize,
         "generations_run": result.search.n_generations,
         "stop_reason": result.search.stop_reason,
@@ -159,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     table = comparison.table.join(pl.DataFrame(extra), on="reward", how="left")
     table = table.with_columns(
-        [pl.when(pl.col("label") == f"calibri@{args.low_steps}").then(pl.col(c)).otherwise(None).alias(c)
-         for c in ("delta_vs_low", "delta_vs_low_low", "delta_vs_low_high")]
+        [
+            pl.when(pl.col("label") == f"calibri@{args.low_steps}").then(pl.col(c)).otherwise(None).alias(c)
+            for c in ("delta_vs_low", "delta_vs_low_low", "delta_vs_low_high")
+        ]
     )
     lines = [
         f"# Calibration on the embedded world: {args.granularity} scaling, n_models={args.n_models}",
@@ -177,8 +226,23 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         "## Held-out test results",
         "",
-        table_markdown(table.select(["label", "reward", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high",
-                                     "delta_vs_low", "delta_vs_low_low", "delta_vs_low_high"])),
+        table_markdown(
+            table.select(
+                [
+                    "label",
+                    "reward",
+                    "mean",
+                    "ci_low",
+                    "ci_high",
+                    "delta",
+                    "delta_low",
+                    "delta_high",
+                    "delta_vs_low",
+                    "delta_vs_low_low",
+                    "delta_vs_low_high",
+                ]
+            )
+        ),
         "`delta*` = vs baseline at the default steps; `delta_vs_low*` = calibrated vs baseline at the same low steps.",
         "",
         "## Calibrated vector",

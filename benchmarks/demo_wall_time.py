@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="tiny", choices=["tiny", "small", "default"])
     p.add_argument("--preset", default="embedded-default")
-    p.add_argument("--ray", default=None, help="a Ray address for the calibration step (e.g. 'local'); default in-process")
+    p.add_argument(
+        "--ray", default=None, help="a Ray address for the calibration step (e.g. 'local'); default in-process"
+    )
     p.add_argument("--ray-workers", type=int, default=2)
     p.add_argument("--keep-home", default=None, help="run in this directory and keep it (default: a temp dir, removed)")
     p.add_argument("--timeout", type=float, default=4 * 3600)
@@ -42,8 +44,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.keep_home and home.exists() and any(home.iterdir()):
         raise SystemExit(f"--keep-home {home} is not empty: the benchmark needs a fresh home")
     try:
-        command = [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", args.size, "--preset", args.preset,
-                   "--home", str(home)]
+        command = [
+            sys.executable,
+            "-m",
+            "calibri_pipeline.cli",
+            "demo",
+            "--size",
+            args.size,
+            "--preset",
+            args.preset,
+            "--home",
+            str(home),
+        ]
         started = time.perf_counter()
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         wall = time.perf_counter() - started

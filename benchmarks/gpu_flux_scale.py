@@ -42,14 +42,40 @@ PAPER_FLUX_BLOCK_GPU_HOURS = 32.0
 FLUX_BLOCK_COEFFICIENTS = 57  # 19 double + 38 single blocks
 
 # CLIP ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K, PickScore's backbone)
-CLIP_H14_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                       patch_size=14, image_size=224, hidden_act="gelu")
-CLIP_H14_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     max_position_embeddings=77, hidden_act="gelu")
-CLIP_TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        patch_size=8, image_size=32, hidden_act="gelu")
-CLIP_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=77, hidden_act="gelu")
+CLIP_H14_VISION = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    hidden_act="gelu",
+)
+CLIP_H14_TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
+CLIP_TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    patch_size=8,
+    image_size=32,
+    hidden_act="gelu",
+)
+CLIP_TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+)
 
 
 def sig(x: float, digits: int = 4) -> float:
@@ -83,9 +109,11 @@ def build_reward(device: torch.device, dtype: torch.dtype, tiny: bool):
 
     vision, text = (CLIP_TINY_VISION, CLIP_TINY_TEXT) if tiny else (CLIP_H14_VISION, CLIP_H14_TEXT)
     tokenizer = offline_tokenizer(77)
-    config = CLIPConfig(text_config={**text, "vocab_size": len(tokenizer), "pad_token_id": 0, "bos_token_id": 2,
-                                     "eos_token_id": 3},
-                        vision_config=vision, projection_dim=32 if tiny else 1024)
+    config = CLIPConfig(
+        text_config={**text, "vocab_size": len(tokenizer), "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3},
+        vision_config=vision,
+        projection_dim=32 if tiny else 1024,
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # allocate in the target dtype directly, on the device
     try:
@@ -95,8 +123,11 @@ def build_reward(device: torch.device, dtype: torch.dtype, tiny: bool):
         torch.set_default_dtype(previous)
     size = vision["image_size"]
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     reward = PickScore(model, processor, device=device, dtype=dtype, batch_size=32)
@@ -118,8 +149,13 @@ def linear_flops_per_image_step(backbone, prompt: str) -> float:
         with torch.no_grad():
             cond = backbone.encode([prompt])
             noise = backbone.pack(backbone.initial_noise([0]).to(backbone.device))
-            backbone.model_fn(noise, torch.ones(1, device=backbone.device), cond,
-                              guidance=backbone.default_guidance, resolution=backbone.resolution)
+            backbone.model_fn(
+                noise,
+                torch.ones(1, device=backbone.device),
+                cond,
+                guidance=backbone.default_guidance,
+                resolution=backbone.resolution,
+            )
     finally:
         for h in handles:
             h.remove()
@@ -134,9 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        result = {"benchmark": "gpu_flux_scale", "skipped": True,
-                  "reason": "CUDA is not available on this machine; run on a GPU, or use --device cpu --tiny "
-                            "for a smoke run of the same code"}
+        result = {
+            "benchmark": "gpu_flux_scale",
+            "skipped": True,
+            "reason": "CUDA is not available on this machine; run on a GPU, or use --device cpu --tiny "
+            "for a smoke run of the same code",
+        }
         print(json.dumps(result, indent=2))
         return result
     if not args.tiny and device.type != "cuda":
@@ -166,8 +205,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipe = flux_dev_pipeline(device, dtype, tiny=args.tiny)
     text_len = 16 if args.tiny else FLUX_DEV_MAX_SEQUENCE_LENGTH
     backbone = DiffusersBackbone.from_pipeline(
-        pipe, name="flux-dev-random-init", resolution=resolution, default_max_batch=args.bucket,
-        vae_batch=args.bucket, max_sequence_length=text_len,
+        pipe,
+        name="flux-dev-random-init",
+        resolution=resolution,
+        default_max_batch=args.bucket,
+        vae_batch=args.bucket,
+        max_sequence_length=text_len,
     )
     text_dim = backbone.transformer.config.joint_attention_dim
     pooled_dim = backbone.transformer.config.pooled_projection_dim
@@ -176,10 +219,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [Prompt(f"benchmark prompt number {i}") for i in range(args.bucket)]
     gen = torch.Generator().manual_seed(1)
     for p in prompts:  # T5-XXL / CLIP-L shaped stand-ins (encoded once per prompt in a real calibration)
-        backbone.cache_prompt_embeddings(p.text, {
-            "states": torch.randn(1, text_len, text_dim, generator=gen).to(dtype),
-            "pooled": torch.randn(1, pooled_dim, generator=gen).to(dtype),
-        })
+        backbone.cache_prompt_embeddings(
+            p.text,
+            {
+                "states": torch.randn(1, text_len, text_dim, generator=gen).to(dtype),
+                "pooled": torch.randn(1, pooled_dim, generator=gen).to(dtype),
+            },
+        )
     reward, reward_vision_params, reward_params = build_reward(device, dtype, args.tiny)
     build_s = time.perf_counter() - started
 
@@ -285,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nonfinite_pixels": nonfinite_total,
         "projection": {
             "what": "paper's FLUX block calibration: generations x popsize(57+1) x bucket images, "
-                    "calibrated all-in seconds per image on this device",
+            "calibrated all-in seconds per image on this device",
             "generations": PAPER_GENERATIONS,
             "popsize": popsize,
             "images": images_total,

@@ -25,8 +25,15 @@ def build_model(width: int, double: int, single: int):
     heads = width // 32
     torch.manual_seed(0)
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=12, num_layers=double, num_single_layers=single, attention_head_dim=32,
-        num_attention_heads=heads, joint_attention_dim=384, pooled_projection_dim=384, guidance_embeds=False,
+        patch_size=1,
+        in_channels=12,
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=32,
+        num_attention_heads=heads,
+        joint_attention_dim=384,
+        pooled_projection_dim=384,
+        guidance_embeds=False,
         axes_dims_rope=(8, 12, 12),
     ).eval()
 
@@ -84,8 +91,12 @@ def main(argv=None) -> dict:
     def baked_forward():
         return baked(**x)
 
-    variants = {"plain": plain, "hooked_scalar": hooked_scalar, "hooked_per_sample": hooked_per_sample,
-                "baked": baked_forward}
+    variants = {
+        "plain": plain,
+        "hooked_scalar": hooked_scalar,
+        "hooked_per_sample": hooked_per_sample,
+        "baked": baked_forward,
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
         for fn in variants.values():  # warm-up

@@ -34,7 +34,9 @@ def load_backbone(device: str):
         return load_toy_backbone(device=device), "toy (trained checkpoint)"
     torch.manual_seed(0)
     transformer = build_toy_transformer(ToyModelConfig(), zero_init=False).to(device)
-    return ToyBackbone(transformer, ToyModelConfig(), device=device), "toy architecture, random init (no checkpoint installed)"
+    return ToyBackbone(
+        transformer, ToyModelConfig(), device=device
+    ), "toy architecture, random init (no checkpoint installed)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,8 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bucket", type=int, default=16)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-batch", type=int, default=None, help="images per forward in the batched path (default: whole population)")
-    p.add_argument("--memory-budget-mb", type=float, default=None, help="derive the batched path's max batch from a memory budget")
+    p.add_argument(
+        "--max-batch", type=int, default=None, help="images per forward in the batched path (default: whole population)"
+    )
+    p.add_argument(
+        "--memory-budget-mb", type=float, default=None, help="derive the batched path's max batch from a memory budget"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -76,11 +82,22 @@ def main(argv: list[str] | None = None) -> dict:
     batched_max = args.max_batch if args.max_batch or args.memory_budget_mb else population * args.bucket
 
     def batched():
-        return evaluate_population(backbone, space, vectors, prompts, seeds, reward, max_batch=batched_max if not args.memory_budget_mb else None,
-                                   memory_budget_mb=args.memory_budget_mb, **common)
+        return evaluate_population(
+            backbone,
+            space,
+            vectors,
+            prompts,
+            seeds,
+            reward,
+            max_batch=batched_max if not args.memory_budget_mb else None,
+            memory_budget_mb=args.memory_budget_mb,
+            **common,
+        )
 
     def loop():
-        return evaluate_population_loop(backbone, space, vectors, prompts, seeds, reward, max_batch=args.bucket, **common)
+        return evaluate_population_loop(
+            backbone, space, vectors, prompts, seeds, reward, max_batch=args.bucket, **common
+        )
 
     backbone.text_encoder.precompute([q.text for q in prompts] + [""])
     batched(), loop()  # warm-up: first-call allocations, kernel selection

@@ -78,16 +78,20 @@ def main(argv: list[str] | None = None) -> dict:
         connect_ray("local", num_cpus=3 * args.threads_per_worker, num_gpus=0, temp_dir=temp_dir)  # CPU replicas
         try:
             started = time.perf_counter()
-            pools = {n: RayWorkerPool(load_toy_backbone, n_workers=n, threads_per_worker=args.threads_per_worker)
-                     for n in (1, 2)}
+            pools = {
+                n: RayWorkerPool(load_toy_backbone, n_workers=n, threads_per_worker=args.threads_per_worker)
+                for n in (1, 2)
+            }
             startup_s = time.perf_counter() - started
             evaluators = {
                 "in_process": LocalEvaluator(backbone, search, rewards, sampling),
                 "ray_1_worker": pools[1].evaluator(backbone, search, rewards, sampling),
                 "ray_2_workers": pools[2].evaluator(backbone, search, rewards, sampling),
             }
-            runs = {name: (lambda ev=ev: {k: torch.from_numpy(v) for k, v in ev(vectors, prompts, seeds).scores.items()})
-                    for name, ev in evaluators.items()}
+            runs = {
+                name: (lambda ev=ev: {k: torch.from_numpy(v) for k, v in ev(vectors, prompts, seeds).scores.items()})
+                for name, ev in evaluators.items()
+            }
             scores = {name: fn() for name, fn in runs.items()}  # warm-up: text cache, first allocations
             times: dict[str, list[float]] = {name: [] for name in runs}
             for _ in range(args.repeats):
@@ -120,8 +124,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": per_s["ray_2_workers"] / per_s["ray_1_worker"],
         "ray_1_worker_vs_in_process": per_s["ray_1_worker"] / per_s["in_process"],
         "max_abs_score_diff_vs_in_process": {
-            r.name: max(float((scores[run][r.name] - scores["in_process"][r.name]).abs().max())
-                        for run in ("ray_1_worker", "ray_2_workers"))
+            r.name: max(
+                float((scores[run][r.name] - scores["in_process"][r.name]).abs().max())
+                for run in ("ray_1_worker", "ray_2_workers")
+            )
             for r in rewards
         },
         "score_spread": {r.name: float(scores["in_process"][r.name].std()) for r in rewards},

@@ -58,7 +58,11 @@ def atomic_writer(
 
 
 def write_bytes_atomic(
-    path: PathLike, data: bytes | bytearray | memoryview, *, prefix: str | None = None, suffix: str = ".tmp",
+    path: PathLike,
+    data: bytes | bytearray | memoryview,
+    *,
+    prefix: str | None = None,
+    suffix: str = ".tmp",
     mode: int | None = None,
 ) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_writer` for ``prefix``/``suffix``/``mode``)."""

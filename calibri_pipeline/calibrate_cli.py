@@ -112,8 +112,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     def evaluator(search, rewards, steps=None, guidance=None):
-        return LocalEvaluator(backbone, search, rewards, SamplingSettings(steps=steps, guidance=guidance, max_batch=preset.max_batch),
-                              cache=cache, model=args.model, progress=not args.quiet)
+        return LocalEvaluator(
+            backbone,
+            search,
+            rewards,
+            SamplingSettings(steps=steps, guidance=guidance, max_batch=preset.max_batch),
+            cache=cache,
+            model=args.model,
+            progress=not args.quiet,
+        )
 
     def stage(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
@@ -128,7 +135,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     low = preset.calibration_steps
 
     t0 = time.perf_counter()
-    block = SearchSpace.for_model(CalibrationSpace.from_transformer(backbone.transformer, "block"), 1, uses_cfg=backbone.uses_cfg)
+    block = SearchSpace.for_model(
+        CalibrationSpace.from_transformer(backbone.transformer, "block"), 1, uses_cfg=backbone.uses_cfg
+    )
     sweep_ev = evaluator(block, [reward], steps=low)
     analysis_prompts = by_split["val"][: preset.ablation_prompts]
     sweep = scale_sweep(sweep_ev, analysis_prompts, alphas=preset.sweep_alphas, seeds=preset.ablation_seeds)
@@ -144,54 +153,104 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tunings["guidance-tuned"] = tuned.to_dict()
         tuned_tables["guidance"] = tuned.table
     if "slg" in preset.alternatives and backbone.uses_cfg:
-        tuned = tune_slg(evaluator(None, [reward], steps=low), block.space, val_prompts, val_seeds,
-                         layer_sets=slg_layer_candidates(ablation.table, preset.slg_candidates), scales=preset.slg_scales)
+        tuned = tune_slg(
+            evaluator(None, [reward], steps=low),
+            block.space,
+            val_prompts,
+            val_seeds,
+            layer_sets=slg_layer_candidates(ablation.table, preset.slg_candidates),
+            scales=preset.slg_scales,
+        )
         tunings["slg-tuned"] = tuned.to_dict()
         tuned_tables["slg"] = tuned.table
     stage("alternatives", t0)
 
     t0 = time.perf_counter()
     space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
-    arguments = calibration_arguments(preset, backbone, space, sweep=sweep.table,
-                                      tuned_guidance=(tunings.get("guidance-tuned") or {}).get("guidance"))
-    result = calibrate(backbone, space, by_split["train"], val_prompts, reward, config=search_config(preset, seed=args.seed),
-                       val_seeds_per_prompt=val_seeds, store=LocalStateStore(out / "state"), run_name="cmaes",
-                       cache=cache, model=args.model,
-                       on_generation=lambda r: print(
-                           f"[calibri calibrate] generation {r['generation']}: mean {r['train_mean']:.4f} best {r['train_best']:.4f}"
-                           + (f" val {r['val_score']:.4f}" if r.get("val_score") is not None else "") + f" ({r['seconds']:.0f} s)",
-                           file=sys.stderr, flush=True),
-                       **arguments)
+    arguments = calibration_arguments(
+        preset, backbone, space, sweep=sweep.table, tuned_guidance=(tunings.get("guidance-tuned") or {}).get("guidance")
+    )
+    result = calibrate(
+        backbone,
+        space,
+        by_split["train"],
+        val_prompts,
+        reward,
+        config=search_config(preset, seed=args.seed),
+        val_seeds_per_prompt=val_seeds,
+        store=LocalStateStore(out / "state"),
+        run_name="cmaes",
+        cache=cache,
+        model=args.model,
+        on_generation=lambda r: print(
+            f"[calibri calibrate] generation {r['generation']}: mean {r['train_mean']:.4f} best {r['train_best']:.4f}"
+            + (f" val {r['val_score']:.4f}" if r.get("val_score") is not None else "")
+            + f" ({r['seconds']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        ),
+        **arguments,
+    )
     stage("calibration", t0)
 
     if args.no_test:  # choosing between configurations: validation only, the test split stays untouched
-        summary = {"preset": preset.to_dict(), "calibration": dict(result.to_dict(), noise=result.search.noise,
-                   confirmation=result.search.confirmation, initial_stds=arguments.get("initial_stds")),
-                   "tunings": tunings, "timings_s": timings, "wall_s": round(time.perf_counter() - started, 1)}
+        summary = {
+            "preset": preset.to_dict(),
+            "calibration": dict(
+                result.to_dict(),
+                noise=result.search.noise,
+                confirmation=result.search.confirmation,
+                initial_stds=arguments.get("initial_stds"),
+            ),
+            "tunings": tunings,
+            "timings_s": timings,
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
         (out / "result.json").write_text(json.dumps(summary, indent=2, default=float))
-        print(json.dumps({k: summary["calibration"][k] for k in ("val_score", "baseline_val_score", "confirmation")},
-                         indent=2, default=float))
+        print(
+            json.dumps(
+                {k: summary["calibration"][k] for k in ("val_score", "baseline_val_score", "confirmation")},
+                indent=2,
+                default=float,
+            )
+        )
         return summary
 
     t0 = time.perf_counter()
     search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
-    settings, references = comparison_settings(preset, calibri=(search, result.vector.tolist(), arguments["guidance"]),
-                                               tunings=tunings, slg_space=block.space)
-    evaluated = evaluate_settings(evaluator(None, eval_rewards), settings, test, seeds=test_seeds,
-                                  reference=references["baseline"], references=references)
+    settings, references = comparison_settings(
+        preset, calibri=(search, result.vector.tolist(), arguments["guidance"]), tunings=tunings, slg_space=block.space
+    )
+    evaluated = evaluate_settings(
+        evaluator(None, eval_rewards),
+        settings,
+        test,
+        seeds=test_seeds,
+        reference=references["baseline"],
+        references=references,
+    )
     evals, comparisons = evaluation_frames(evaluated, "calibri")
     stage("evaluation", t0)
 
     headline = headline_table(evals, comparisons, reward_name, low, preset.default_steps)
-    means = setting_means(evals, low, [r for r in WORLD_REWARD_NAMES if r in evals["reward"].unique().to_list()] or
-                          [r.name for r in eval_rewards])
+    means = setting_means(
+        evals,
+        low,
+        [r for r in WORLD_REWARD_NAMES if r in evals["reward"].unique().to_list()] or [r.name for r in eval_rewards],
+    )
     search_result = result.search
-    history = pl.DataFrame([{k: v for k, v in g.items() if not isinstance(v, (list, dict))} for g in search_result.generations])
+    history = pl.DataFrame(
+        [{k: v for k, v in g.items() if not isinstance(v, (list, dict))} for g in search_result.generations]
+    )
     history.write_csv(out / "history.csv")
     (out / "training.png").write_bytes(plot_search_history(search_result.generations, title=f"{preset.name}: CMA-ES"))
     nfe_table = evaluated.table.with_columns(evaluated.table["label"].str.split("@").list.get(0).alias("label"))
-    (out / "nfe.png").write_bytes(plot_nfe(nfe_table.select("label", "steps", "reward", "mean", "ci_low", "ci_high"),
-                                           title="reward vs NFE on the test prompts"))
+    (out / "nfe.png").write_bytes(
+        plot_nfe(
+            nfe_table.select("label", "steps", "reward", "mean", "ci_low", "ci_high"),
+            title="reward vs NFE on the test prompts",
+        )
+    )
     (out / "sweep.png").write_bytes(sweep.plot())
     (out / "ablation.png").write_bytes(ablation.plot())
     summary = {
@@ -203,8 +262,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_prompts": len(test),
         "test_seeds": test_seeds,
         "search_seed": args.seed,
-        "calibration": dict(result.to_dict(), noise=search_result.noise, confirmation=search_result.confirmation,
-                            initial_stds=arguments.get("initial_stds"), guidance=arguments["guidance"]),
+        "calibration": dict(
+            result.to_dict(),
+            noise=search_result.noise,
+            confirmation=search_result.confirmation,
+            initial_stds=arguments.get("initial_stds"),
+            guidance=arguments["guidance"],
+        ),
         "tunings": tunings,
         "evaluations": evals.to_dicts(),
         "comparisons": comparisons.to_dicts(),
@@ -219,7 +283,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"Calibration: {result.granularity} x {result.n_models} model(s), {search_result.n_generations} generations "
         f"({search_result.stop_reason}), validation {result.baseline_val_score:.4f} -> {result.val_score:.4f}.",
         f"Test: {len(test)} prompts x {len(test_seeds)} seeds"
-        + (f" (prompts outside the splits, split seed {args.test_split_seed})" if args.test_split_seed is not None else "") + ".",
+        + (
+            f" (prompts outside the splits, split seed {args.test_split_seed})"
+            if args.test_split_seed is not None
+            else ""
+        )
+        + ".",
         "",
         f"## {reward_name} at {low} steps, paired over the same prompts and noise",
         "",
@@ -234,7 +303,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"Wall time {summary['wall_s'] / 60:.1f} min: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
     ]
     if search_result.confirmation:
-        lines += ["", "## Confirmation on fresh seeds", "", table_markdown(pl.DataFrame(search_result.confirmation["rows"]))]
+        lines += [
+            "",
+            "## Confirmation on fresh seeds",
+            "",
+            table_markdown(pl.DataFrame(search_result.confirmation["rows"])),
+        ]
     if search_result.noise:
         lines += ["", "## Fitness noise (generation 0)", "", "```", json.dumps(search_result.noise, indent=2), "```"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -245,22 +319,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calibri calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="embedded-default", help="a preset of calibri_pipeline/presets.py")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a preset field (repeatable; lists as 1,2,3)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset field (repeatable; lists as 1,2,3)",
+    )
     parser.add_argument("--model", default="toy", help="model key (default: the embedded toy DiT)")
     parser.add_argument("--reward", default=None, help="the reward to optimise (default: the preset's)")
     parser.add_argument("--out", required=True, help="where result.json, results.md, plots and the CMA-ES state go")
-    parser.add_argument("--home", default=".calibri/experiments", help="image cache (object store + catalog) shared by runs")
+    parser.add_argument(
+        "--home", default=".calibri/experiments", help="image cache (object store + catalog) shared by runs"
+    )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test prompt splits")
-    parser.add_argument("--test-split-seed", type=int, default=None,
-                        help="evaluate on prompts from this seed's test split that are in none of the splits")
-    parser.add_argument("--test-seeds", type=lambda t: [int(x) for x in t.split(",")], default=None,
-                        help="noise seeds per test prompt, e.g. 0,1,2,3 (default: the preset's)")
+    parser.add_argument(
+        "--test-split-seed",
+        type=int,
+        default=None,
+        help="evaluate on prompts from this seed's test split that are in none of the splits",
+    )
+    parser.add_argument(
+        "--test-seeds",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=None,
+        help="noise seeds per test prompt, e.g. 0,1,2,3 (default: the preset's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="the search's seed")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-test", action="store_true",
-                        help="stop after the calibration (validation only: for choosing between configurations)")
+    parser.add_argument(
+        "--no-test",
+        action="store_true",
+        help="stop after the calibration (validation only: for choosing between configurations)",
+    )
     args = parser.parse_args(argv)
     try:
         run(args)

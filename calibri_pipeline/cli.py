@@ -13,10 +13,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sql": ("calibri_pipeline.sql_cli:main", "run a read-only SQL query against the catalog"),
     "tables": ("calibri_pipeline.tables_cli:main", "print the paper's Tables 2, 6 and 7 from the catalog"),
     "train-toy": ("calibri_pipeline.training.toy_train:main", "train the embedded toy DiT on the procedural world"),
-    "eval-toy": ("calibri_pipeline.training.evaluate_toy:main", "measure the toy model's accuracy per category and NFE"),
-    "calibrate": ("calibri_pipeline.calibrate_cli:main", "one calibration and its held-out comparison with the alternatives, without Dagster"),
+    "eval-toy": (
+        "calibri_pipeline.training.evaluate_toy:main",
+        "measure the toy model's accuracy per category and NFE",
+    ),
+    "calibrate": (
+        "calibri_pipeline.calibrate_cli:main",
+        "one calibration and its held-out comparison with the alternatives, without Dagster",
+    ),
     "serve-reward": ("calibri_pipeline.rewards.server:main", "serve a reward over HTTP on loopback"),
-    "dev": ("calibri_pipeline.dev_server:main", "serve the Dagster UI over the demo's instance; Ctrl-C/SIGTERM stop all of it"),
+    "dev": (
+        "calibri_pipeline.dev_server:main",
+        "serve the Dagster UI over the demo's instance; Ctrl-C/SIGTERM stop all of it",
+    ),
 }
 
 

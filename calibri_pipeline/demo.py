@@ -31,10 +31,29 @@ DEMO_MODEL = "toy"
 SIZES: dict[str, dict] = {
     "default": {},
     "small": dict(n_train=200, n_val=32, n_test=48, generations=12, ablation_prompts=16, nfe_list=[2, 4, 8, 30]),
-    "tiny": dict(n_train=24, n_val=6, n_test=6, seeds=[0, 1], val_seeds=[0], calibration_steps=2, default_steps=4,
-                 generations=2, popsize=4, bucket_size=4, val_every=1, ablation_prompts=3, ablation_seeds=[0],
-                 sweep_alphas=[0.0, 2.0], nfe_list=[1, 2], guidance_grid=[2.0, 3.5], slg_candidates=1, slg_scales=[1.0],
-                 probe_buckets=1, max_val_seeds=2, confirm_top=1),
+    "tiny": dict(
+        n_train=24,
+        n_val=6,
+        n_test=6,
+        seeds=[0, 1],
+        val_seeds=[0],
+        calibration_steps=2,
+        default_steps=4,
+        generations=2,
+        popsize=4,
+        bucket_size=4,
+        val_every=1,
+        ablation_prompts=3,
+        ablation_seeds=[0],
+        sweep_alphas=[0.0, 2.0],
+        nfe_list=[1, 2],
+        guidance_grid=[2.0, 3.5],
+        slg_candidates=1,
+        slg_scales=[1.0],
+        probe_buckets=1,
+        max_val_seeds=2,
+        confirm_top=1,
+    ),
 }
 
 
@@ -73,11 +92,15 @@ def check_choices(home: Path, size: str, preset: str, reward: str, model: str = 
     if preset not in PRESETS:
         raise DemoUsageError(f"unknown preset {preset!r}; the demo runs one of {', '.join(runnable)}")
     if preset not in runnable:
-        raise DemoUsageError(f"preset {preset!r} is for model {PRESETS[preset].model!r}, the demo runs model {model!r}; "
-                             f"choose one of {', '.join(runnable)}")
+        raise DemoUsageError(
+            f"preset {preset!r} is for model {PRESETS[preset].model!r}, the demo runs model {model!r}; "
+            f"choose one of {', '.join(runnable)}"
+        )
     if reward not in EMBEDDED_REWARDS:
-        raise DemoUsageError(f"unknown reward {reward!r} for the demo (it optimises offline rewards only); "
-                             f"choose one of {', '.join(EMBEDDED_REWARDS)}")
+        raise DemoUsageError(
+            f"unknown reward {reward!r} for the demo (it optimises offline rewards only); "
+            f"choose one of {', '.join(EMBEDDED_REWARDS)}"
+        )
     check_home(home)
 
 
@@ -105,22 +128,40 @@ def check_home(home: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> DemoArgs:
     """The demo's options, every choice checked (DemoUsageError); writes nothing."""
     parser = _Parser(prog="calibri demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="default", metavar="{" + ",".join(SIZES) + "}",
-                        help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)")
-    parser.add_argument("--preset", default="embedded-default", metavar="{" + ",".join(demo_presets()) + "}",
-                        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block, "
-                             "1 model) or embedded-gate-cfg (gate, CFG ensemble)")
-    parser.add_argument("--reward", default="world_score", metavar="{" + ",".join(EMBEDDED_REWARDS) + "}",
-                        help="the reward CMA-ES optimizes (every world reward is still evaluated): run the demo again "
-                             "with another one into the same --home to fill Table 7 and see whether a reward is gamed")
-    parser.add_argument("--home", default=os.environ.get("CALIBRI_HOME", ".calibri"),
-                        help="where the catalog, images and Dagster instance go")
-    parser.add_argument("--verbose", action="store_true", help="show Dagster's DEBUG events (every step and output) too")
+    parser.add_argument(
+        "--size",
+        default="default",
+        metavar="{" + ",".join(SIZES) + "}",
+        help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="embedded-default",
+        metavar="{" + ",".join(demo_presets()) + "}",
+        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block, "
+        "1 model) or embedded-gate-cfg (gate, CFG ensemble)",
+    )
+    parser.add_argument(
+        "--reward",
+        default="world_score",
+        metavar="{" + ",".join(EMBEDDED_REWARDS) + "}",
+        help="the reward CMA-ES optimizes (every world reward is still evaluated): run the demo again "
+        "with another one into the same --home to fill Table 7 and see whether a reward is gamed",
+    )
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("CALIBRI_HOME", ".calibri"),
+        help="where the catalog, images and Dagster instance go",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Dagster's DEBUG events (every step and output) too"
+    )
     ns = parser.parse_args(argv)
     if not ns.home.strip():
         raise DemoUsageError("--home is empty")
-    args = DemoArgs(home=Path(ns.home).expanduser().resolve(), size=ns.size, preset=ns.preset, reward=ns.reward,
-                    verbose=ns.verbose)
+    args = DemoArgs(
+        home=Path(ns.home).expanduser().resolve(), size=ns.size, preset=ns.preset, reward=ns.reward, verbose=ns.verbose
+    )
     check_choices(args.home, args.size, args.preset, args.reward)
     return args
 
@@ -142,8 +183,14 @@ def preset_job_name(preset: str) -> str:
     return f"preset__{preset.replace('-', '_')}"
 
 
-def run_demo(home: Path, size: str = "default", preset: str = "embedded-default", reward: str = "world_score",
-             model: str = DEMO_MODEL, verbose: bool = False) -> dict:
+def run_demo(
+    home: Path,
+    size: str = "default",
+    preset: str = "embedded-default",
+    reward: str = "world_score",
+    model: str = DEMO_MODEL,
+    verbose: bool = False,
+) -> dict:
     check_choices(Path(home), size, preset, reward, model)  # before anything is written
     _setup_home(Path(home))
     import dagster as dg
@@ -173,7 +220,8 @@ def run_demo(home: Path, size: str = "default", preset: str = "embedded-default"
     )
     if result.success:  # the cross-partition tables, as their own run of their own job
         result = defs.resolve_job_def("build_paper_tables").execute_in_process(
-            instance=instance, tags=tags, resources=resources, run_config=loggers)
+            instance=instance, tags=tags, resources=resources, run_config=loggers
+        )
     wall = time.perf_counter() - t0
     if not result.success:
         raise SystemExit("demo run failed: see the log above (or `dagster dev` for the run)")
@@ -210,7 +258,7 @@ def summary_text(home: Path, info: dict) -> str:
         f"images:   {default_object_store_url()}/images/{model}/",
         f"catalog:  {default_catalog_path()}",
         "UI:       make dev   (or: .venv/bin/calibri dev --home " + str(home) + "; open http://127.0.0.1:3000)",
-        "SQL:      .venv/bin/calibri sql \"SELECT setting, reference, reward, round(delta, 4) AS delta, round(ci_low, 4) AS lo, "
+        'SQL:      .venv/bin/calibri sql "SELECT setting, reference, reward, round(delta, 4) AS delta, round(ci_low, 4) AS lo, '
         "round(ci_high, 4) AS hi FROM comparisons WHERE setting LIKE 'calibri@%' ORDER BY ALL\"",
     ]
     return "\n".join(lines)

@@ -64,7 +64,7 @@ def group_members(pgid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
         if fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
@@ -84,8 +84,13 @@ def _signal_leader(pid: int, sig: int) -> None:
         pass
 
 
-def supervise(command: Sequence[str], *, cwd: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-              grace: float = 20.0) -> int:
+def supervise(
+    command: Sequence[str],
+    *,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    grace: float = 20.0,
+) -> int:
     """Run ``command`` in its own process group until it exits; SIGINT/SIGTERM stop all of it.
 
     The first SIGINT or SIGTERM sent to this process is passed on to the command's process (the
@@ -161,22 +166,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="calibri dev",
         description="Serve the Dagster UI over the demo's instance (<home>/dagster_home) and catalog. "
-                    "Ctrl-C or SIGTERM stops it and every process it started.",
+        "Ctrl-C or SIGTERM stops it and every process it started.",
     )
-    parser.add_argument("--cli", choices=("auto", "dg", "dagster"), default="auto",
-                        help="`dg dev` or `dagster dev -w workspace.yaml`; auto: dg when dagster-dg-cli is installed")
+    parser.add_argument(
+        "--cli",
+        choices=("auto", "dg", "dagster"),
+        default="auto",
+        help="`dg dev` or `dagster dev -w workspace.yaml`; auto: dg when dagster-dg-cli is installed",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address the webserver binds (default: loopback only)")
     parser.add_argument("--port", type=int, default=3000)
-    parser.add_argument("--home", default=os.environ.get("CALIBRI_HOME", ".calibri"),
-                        help="the demo's home: catalog, images and Dagster instance (default: $CALIBRI_HOME or .calibri)")
-    parser.add_argument("--project-dir", default=None,
-                        help="folder with workspace.yaml and pyproject.toml (default: this checkout, else the current folder)")
-    parser.add_argument("--grace", type=float, default=20.0,
-                        help="seconds the server gets to stop after Ctrl-C/SIGTERM before SIGKILL (default 20)")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("CALIBRI_HOME", ".calibri"),
+        help="the demo's home: catalog, images and Dagster instance (default: $CALIBRI_HOME or .calibri)",
+    )
+    parser.add_argument(
+        "--project-dir",
+        default=None,
+        help="folder with workspace.yaml and pyproject.toml (default: this checkout, else the current folder)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="seconds the server gets to stop after Ctrl-C/SIGTERM before SIGKILL (default 20)",
+    )
     args = parser.parse_args(argv)
 
-    project = Path(args.project_dir) if args.project_dir else (
-        _CHECKOUT if (_CHECKOUT / "workspace.yaml").is_file() else Path.cwd())
+    project = (
+        Path(args.project_dir)
+        if args.project_dir
+        else (_CHECKOUT if (_CHECKOUT / "workspace.yaml").is_file() else Path.cwd())
+    )
     project = project.resolve()
     workspace = project / "workspace.yaml"
     cli = ("dg" if dg_available() else "dagster") if args.cli == "auto" else args.cli

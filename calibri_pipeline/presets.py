@@ -72,10 +72,14 @@ class Preset:
     def __post_init__(self) -> None:
         for name, allowed in (("scaling", SCALINGS), ("weights", WEIGHT_COORDINATES), ("start", STARTS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"preset {self.name!r}: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"preset {self.name!r}: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         unknown = sorted(set(self.alternatives) - set(ALTERNATIVES))
         if unknown:
-            raise ValueError(f"preset {self.name!r}: unknown alternatives {unknown}; choose from {', '.join(ALTERNATIVES)}")
+            raise ValueError(
+                f"preset {self.name!r}: unknown alternatives {unknown}; choose from {', '.join(ALTERNATIVES)}"
+            )
         if self.start == "guidance-tuned" and "guidance" not in self.alternatives:
             raise ValueError(f"preset {self.name!r}: start='guidance-tuned' needs the 'guidance' alternative")
 
@@ -90,8 +94,18 @@ class Preset:
         unknown = sorted(set(clean) - set(asdict(self)))
         if unknown:
             raise ValueError(f"unknown preset fields {unknown}")
-        for key in ("seeds", "val_seeds", "eval_rewards", "nfe_list", "ablation_seeds", "sweep_alphas", "alternatives",
-                    "guidance_grid", "slg_scales", "segments"):
+        for key in (
+            "seeds",
+            "val_seeds",
+            "eval_rewards",
+            "nfe_list",
+            "ablation_seeds",
+            "sweep_alphas",
+            "alternatives",
+            "guidance_grid",
+            "slg_scales",
+            "segments",
+        ):
             if key in clean:
                 value = clean[key]
                 clean[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
@@ -99,7 +113,6 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
 
 
 PRESETS: dict[str, Preset] = {
@@ -137,7 +150,7 @@ PRESETS: dict[str, Preset] = {
             ablation_seeds=(0, 1),
             sweep_alphas=(0.0, 0.5, 1.5, 2.0),
             notes="the tiny toy DiT on the procedural world: the CFG ensemble's block coefficients and guidance x "
-                  "scale, calibrated at 4 steps with a search scaled by the sweep; minutes on a laptop CPU",
+            "scale, calibrated at 4 steps with a search scaled by the sweep; minutes on a laptop CPU",
         ),
         Preset(
             name="embedded-gate-cfg",
@@ -245,4 +258,6 @@ def default_preset_for_model(model_kind: str) -> Preset:
     for preset in PRESETS.values():
         if preset.model == model_kind:
             return preset
-    raise ValueError(f"no preset for model kind {model_kind!r}; known kinds: {sorted({p.model for p in PRESETS.values()})}")
+    raise ValueError(
+        f"no preset for model kind {model_kind!r}; known kinds: {sorted({p.model for p in PRESETS.values()})}"
+    )

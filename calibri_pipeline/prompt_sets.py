@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 PROMPTS_DIR_ENV = "CALIBRI_PROMPTS_DIR"
 
 
-def build_prompt_set(preset: Preset, *, llm_rewrite: bool = False, seed: int = 0,
-                     log: Callable[[str], None] = print) -> list[Prompt]:
+def build_prompt_set(
+    preset: Preset, *, llm_rewrite: bool = False, seed: int = 0, log: Callable[[str], None] = print
+) -> list[Prompt]:
     """Every prompt of the preset's source with its ``split`` set (seeded, reproducible).
 
     ``llm_rewrite`` rewrites the world's train and val prompts with the LLM (checked against their
@@ -44,12 +45,17 @@ def build_prompt_set(preset: Preset, *, llm_rewrite: bool = False, seed: int = 0
 
         root = os.environ.get(PROMPTS_DIR_ENV)
         if not root:
-            raise ValueError(f"prompt_source 't2i-compbench' needs {PROMPTS_DIR_ENV} (the folder with the T2I-CompBench++ txt files)")
+            raise ValueError(
+                f"prompt_source 't2i-compbench' needs {PROMPTS_DIR_ENV} (the folder with the T2I-CompBench++ txt files)"
+            )
         train = load_prompts(Path(root) / T2I_COMPBENCH_TRAIN)[: preset.n_train]
         val = load_prompts(Path(root) / T2I_COMPBENCH_VAL)
         val, test = val[: preset.n_val], val[preset.n_val : preset.n_val + preset.n_test]
-        return ([replace(p, split="train") for p in train] + [replace(p, split="val") for p in val]
-                + [replace(p, split="test") for p in test])
+        return (
+            [replace(p, split="train") for p in train]
+            + [replace(p, split="val") for p in val]
+            + [replace(p, split="test") for p in test]
+        )
     loaded = load_prompts(source)
     total = preset.n_train + preset.n_val + preset.n_test
     fractions = {"train": preset.n_train / total, "val": preset.n_val / total, "test": preset.n_test / total}

@@ -24,10 +24,18 @@ def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
     from calibri_pipeline.method.search import SearchConfig
 
     return SearchConfig(
-        sigma0=preset.effective_sigma0, max_generations=preset.generations, popsize=preset.popsize,
-        bucket_size=preset.bucket_size, val_every=preset.val_every, patience=preset.patience,
-        separable=preset.separable, probe_buckets=preset.probe_buckets, target_gain=preset.target_gain,
-        max_val_seeds=preset.max_val_seeds, confirm_top=preset.confirm_top, seed=seed,
+        sigma0=preset.effective_sigma0,
+        max_generations=preset.generations,
+        popsize=preset.popsize,
+        bucket_size=preset.bucket_size,
+        val_every=preset.val_every,
+        patience=preset.patience,
+        separable=preset.separable,
+        probe_buckets=preset.probe_buckets,
+        target_gain=preset.target_gain,
+        max_val_seeds=preset.max_val_seeds,
+        confirm_top=preset.confirm_top,
+        seed=seed,
     )
 
 
@@ -57,9 +65,13 @@ def calibration_arguments(
             f"preset {preset.name!r}: weights='guidance' needs the CFG ensemble (n_models >= 2 on a model with "
             f"classifier-free guidance), got mode {search.layout.mode!r}"
         )
-    args: dict[str, Any] = {"steps": preset.calibration_steps, "n_models": preset.n_models,
-                            "guidance_coordinates": guidance_coordinates, "max_batch": preset.max_batch,
-                            "segments": tuple(preset.segments)}
+    args: dict[str, Any] = {
+        "steps": preset.calibration_steps,
+        "n_models": preset.n_models,
+        "guidance_coordinates": guidance_coordinates,
+        "max_batch": preset.max_batch,
+        "segments": tuple(preset.segments),
+    }
     if preset.start == "guidance-tuned" and warm_start is None:
         if tuned_guidance is None:
             raise ValueError(f"preset {preset.name!r} starts from the guidance-tuned model: tune the guidance first")
@@ -73,8 +85,13 @@ def calibration_arguments(
         if sweep is None or sweep.height == 0:
             raise ValueError(f"preset {preset.name!r} scales the search from the scale sweep: run the sweep first")
         start_guidance = float(tuned_guidance) if (preset.start == "guidance-tuned" and tuned_guidance) else guidance
-        args["initial_stds"] = initial_stds(search, sweep_curvatures(sweep), target_drop=preset.target_drop,
-                                            guidance_coordinates=guidance_coordinates, guidance=start_guidance)
+        args["initial_stds"] = initial_stds(
+            search,
+            sweep_curvatures(sweep),
+            target_drop=preset.target_drop,
+            guidance_coordinates=guidance_coordinates,
+            guidance=start_guidance,
+        )
     return args
 
 
@@ -118,7 +135,8 @@ def comparison_settings(
     if slg is not None:
         vector = slg["vector"]
         settings[setting_label("slg-tuned", low)] = Setting(
-            vector, steps=low, guidance=slg["guidance"], search=slg_search(slg_space) if vector is not None else None)
+            vector, steps=low, guidance=slg["guidance"], search=slg_search(slg_space) if vector is not None else None
+        )
     if calibri is not None:
         search, vector, guidance = calibri
         for steps in sorted({low, *preset.nfe_list}):

@@ -28,25 +28,43 @@ def evaluation_frames(result, calibri_tag: str) -> tuple[pl.DataFrame, pl.DataFr
     names = table["label"].str.split("@").list.get(0)
     tag = pl.when(names == "calibri").then(pl.lit(calibri_tag)).otherwise(names.replace(SETTING_TAGS))
     evals = table.select(
-        pl.col("reward"), (names == "calibri").alias("calibrated"), tag.alias("calibration"), names.alias("setting"),
-        pl.col("guidance").cast(pl.Float64), pl.col("steps").cast(pl.Int32).alias("nfe"), "mean", "ci_low", "ci_high",
+        pl.col("reward"),
+        (names == "calibri").alias("calibrated"),
+        tag.alias("calibration"),
+        names.alias("setting"),
+        pl.col("guidance").cast(pl.Float64),
+        pl.col("steps").cast(pl.Int32).alias("nfe"),
+        "mean",
+        "ci_low",
+        "ci_high",
         pl.col("n_cells").cast(pl.Int32).alias("n"),
     )
     comparisons = pl.DataFrame(result.meta["comparisons"]).with_columns(
-        pl.col("setting").str.split("@").list.get(1).cast(pl.Int32).alias("nfe"), pl.col("n").cast(pl.Int32))
+        pl.col("setting").str.split("@").list.get(1).cast(pl.Int32).alias("nfe"), pl.col("n").cast(pl.Int32)
+    )
     return evals, comparisons
 
 
-def headline_table(evaluations: pl.DataFrame, comparisons: pl.DataFrame, reward: str, low: int, default: int) -> pl.DataFrame:
+def headline_table(
+    evaluations: pl.DataFrame, comparisons: pl.DataFrame, reward: str, low: int, default: int
+) -> pl.DataFrame:
     """One row per setting (baseline at L, 2L and the default NFE, the tuned alternatives, Calibri at L):
     its mean ``reward`` with CI, and its paired difference to the baseline at L, the guidance-tuned
     baseline at L and the baseline at 2L (each ``mean [low, high]``)."""
     ev = evaluations.filter(pl.col("reward") == reward)
-    order = [setting_label("baseline", low), setting_label("baseline", 2 * low), setting_label("baseline", default),
-             setting_label("guidance-tuned", low), setting_label("slg-tuned", low), setting_label("calibri", low)]
-    references = [(setting_label("baseline", low), "vs baseline (same NFE)"),
-                  (setting_label("guidance-tuned", low), "vs guidance-tuned"),
-                  (setting_label("baseline", 2 * low), "vs baseline at 2x NFE")]
+    order = [
+        setting_label("baseline", low),
+        setting_label("baseline", 2 * low),
+        setting_label("baseline", default),
+        setting_label("guidance-tuned", low),
+        setting_label("slg-tuned", low),
+        setting_label("calibri", low),
+    ]
+    references = [
+        (setting_label("baseline", low), "vs baseline (same NFE)"),
+        (setting_label("guidance-tuned", low), "vs guidance-tuned"),
+        (setting_label("baseline", 2 * low), "vs baseline at 2x NFE"),
+    ]
     rows = []
     for label in dict.fromkeys(order):
         name, steps = label.rsplit("@", 1)
@@ -57,8 +75,12 @@ def headline_table(evaluations: pl.DataFrame, comparisons: pl.DataFrame, reward:
         ci = f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
         out = {"setting": label, "guidance": r.get("guidance"), reward: f"{r['mean']:.3f}{ci}"}
         for ref, title in references:
-            c = comparisons.filter((pl.col("reward") == reward) & (pl.col("setting") == label) & (pl.col("reference") == ref))
-            out[title] = _fmt(*c.select("delta", "ci_low", "ci_high").row(0)) if c.height else ("-" if label == ref else "")
+            c = comparisons.filter(
+                (pl.col("reward") == reward) & (pl.col("setting") == label) & (pl.col("reference") == ref)
+            )
+            out[title] = (
+                _fmt(*c.select("delta", "ci_low", "ci_high").row(0)) if c.height else ("-" if label == ref else "")
+            )
         rows.append(out)
     return pl.DataFrame(rows)
 
@@ -66,7 +88,8 @@ def headline_table(evaluations: pl.DataFrame, comparisons: pl.DataFrame, reward:
 def setting_means(evaluations: pl.DataFrame, low: int, rewards: list[str]) -> pl.DataFrame:
     """Every reward's mean for each setting at the calibration NFE (a wide table)."""
     ev = evaluations.filter(pl.col("nfe") == low).with_columns(
-        (pl.col("setting") + "@" + pl.col("nfe").cast(pl.String)).alias("label"))
+        (pl.col("setting") + "@" + pl.col("nfe").cast(pl.String)).alias("label")
+    )
     wide = ev.pivot(on="reward", index="label", values="mean")
     return wide.select(["label", *[r for r in rewards if r in wide.columns]])
 

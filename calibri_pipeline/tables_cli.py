@@ -41,7 +41,9 @@ def headline_tables(catalog: Catalog):
 
     from calibri_pipeline.report import headline_table
 
-    runs = catalog.query("SELECT model, reward, config FROM calibration_runs WHERE status = 'finished' ORDER BY model, reward")
+    runs = catalog.query(
+        "SELECT model, reward, config FROM calibration_runs WHERE status = 'finished' ORDER BY model, reward"
+    )
     parts = []
     for model, reward, config in runs.iter_rows():
         preset = json.loads(config).get("preset", {})
@@ -51,18 +53,26 @@ def headline_tables(catalog: Catalog):
         if evals.height == 0 or "calibration_steps" not in preset:
             continue
         table = headline_table(evals, comps, reward, preset["calibration_steps"], preset["default_steps"])
-        parts.append(table.rename({reward: "mean"}).with_columns(pl.lit(model).alias("model"), pl.lit(reward).alias("reward")))
+        parts.append(
+            table.rename({reward: "mean"}).with_columns(pl.lit(model).alias("model"), pl.lit(reward).alias("reward"))
+        )
     if not parts:
         return pl.DataFrame({"model": [], "reward": []})
-    return pl.concat(parts, how="diagonal_relaxed").select(["model", "reward", *[c for c in parts[0].columns if c not in ("model", "reward")]])
+    return pl.concat(parts, how="diagonal_relaxed").select(
+        ["model", "reward", *[c for c in parts[0].columns if c not in ("model", "reward")]]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="calibri tables", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", metavar="TABLE", help=f"which tables ({', '.join(TABLES)}; default: all)")
     parser.add_argument("--format", "-f", choices=FORMATS, default="table")
-    parser.add_argument("--catalog", metavar="PATH", default=None,
-                        help="catalog file (default: $CALIBRI_CATALOG or <CALIBRI_HOME>/catalog.duckdb)")
+    parser.add_argument(
+        "--catalog",
+        metavar="PATH",
+        default=None,
+        help="catalog file (default: $CALIBRI_CATALOG or <CALIBRI_HOME>/catalog.duckdb)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in TABLES]
     if unknown:

@@ -12,8 +12,12 @@ CPU_ALIGNMENT = 64
 
 def _misplaced(t: torch.Tensor) -> bool:
     """A plain CPU tensor whose memory a fresh allocation would not give: unaligned or not contiguous."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() > 0
-            and (t.data_ptr() % CPU_ALIGNMENT != 0 or not t.is_contiguous()))
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.numel() > 0
+        and (t.data_ptr() % CPU_ALIGNMENT != 0 or not t.is_contiguous())
+    )
 
 
 def realign_cpu_weights(modules: Iterable[torch.nn.Module]) -> int:

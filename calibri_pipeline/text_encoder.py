@@ -99,7 +99,9 @@ class MiniLMTextEncoder:
 
         realign_cpu_weights([self.model])
         if self.model.config.hidden_size != HIDDEN_SIZE:
-            raise ValueError(f"expected a {HIDDEN_SIZE}-d MiniLM, {path} has hidden size {self.model.config.hidden_size}")
+            raise ValueError(
+                f"expected a {HIDDEN_SIZE}-d MiniLM, {path} has hidden size {self.model.config.hidden_size}"
+            )
         # text -> (states [L, D], mask [L], pooled [D]) on the CPU
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()

@@ -33,6 +33,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: mean-abs score by ~2e-5. Comparisons across batch shapes allow a few such steps.
 SCORE_ATOL = 1e-4
 
+
 def decode(png: bytes) -> Image.Image:
     assert png.startswith(PNG_MAGIC)
     image = Image.open(io.BytesIO(png))
@@ -79,9 +80,15 @@ def test_paired_difference_removes_shared_variance():
         paired_difference_ci(a, b[:10])
 
 
-@pytest.mark.parametrize("kwargs,match", [({"values": []}, "at least one"), ({"values": [1.0, np.nan]}, "NaN"),
-                                          ({"values": [1.0, 2.0], "level": 1.5}, "level"),
-                                          ({"values": [1.0, 2.0], "clusters": [1]}, "label every value")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"values": []}, "at least one"),
+        ({"values": [1.0, np.nan]}, "NaN"),
+        ({"values": [1.0, 2.0], "level": 1.5}, "level"),
+        ({"values": [1.0, 2.0], "clusters": [1]}, "label every value"),
+    ],
+)
 def test_bootstrap_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_ci(**kwargs)
@@ -111,7 +118,9 @@ def test_block_ablation_table_matches_direct_evaluation_and_plots(backbone):
     vector = torch.ones(1, space.search_size(1))
     vector[0, 2] = 0.0
     cell_prompts = [p for p in prompts for _ in range(3)]
-    direct = evaluate_population(backbone, space, vector, cell_prompts, [0, 1, 2] * 3, ColourMatch(), steps=2, guidance=2.5)
+    direct = evaluate_population(
+        backbone, space, vector, cell_prompts, [0, 1, 2] * 3, ColourMatch(), steps=2, guidance=2.5
+    )
     np.testing.assert_allclose(scores[3], direct[0].double().numpy(), atol=SCORE_ATOL)
     base = evaluate_population(backbone, None, None, cell_prompts, [0, 1, 2] * 3, ColourMatch(), steps=2, guidance=2.5)
     np.testing.assert_allclose(scores[0], base[0].double().numpy(), atol=SCORE_ATOL)
@@ -138,7 +147,9 @@ def test_scale_sweep_grid_and_heatmap(backbone):
     ablation = block_ablation(_evaluator(backbone, space, ColourMatch()), prompts, seeds=(3, 4), n_boot=300)
     # the sweep's population is larger than the ablation's, so its images come from other batch shapes
     # (other kernels): the deltas agree up to float rounding of the images, not bitwise
-    np.testing.assert_allclose(table.filter(table["alpha"] == 0.0)["delta"].to_numpy(), ablation.table["delta"].to_numpy(), atol=SCORE_ATOL)
+    np.testing.assert_allclose(
+        table.filter(table["alpha"] == 0.0)["delta"].to_numpy(), ablation.table["delta"].to_numpy(), atol=SCORE_ATOL
+    )
     decode(sweep.plot())
     with pytest.raises(ValueError, match="distinct"):
         scale_sweep(_evaluator(backbone, space, ColourMatch()), prompts, alphas=(0.5, 0.5))
@@ -156,19 +167,35 @@ def test_nfe_study_and_settings_comparison(backbone):
     assert table.columns == ["label", "steps", "reward", "mean", "ci_low", "ci_high", "n_cells"]
     assert table.height == 3 * 2 * 2
     for steps in (1, 3):
-        base = evaluate_population(backbone, None, None, [p for p in prompts for _ in range(2)], [0, 1, 0, 1],
-                                   ColourMatch(), steps=steps, guidance=2.5)
-        row = table.filter((table["label"] == "baseline") & (table["steps"] == steps) & (table["reward"] == "colour_match"))
+        base = evaluate_population(
+            backbone,
+            None,
+            None,
+            [p for p in prompts for _ in range(2)],
+            [0, 1, 0, 1],
+            ColourMatch(),
+            steps=steps,
+            guidance=2.5,
+        )
+        row = table.filter(
+            (table["label"] == "baseline") & (table["steps"] == steps) & (table["reward"] == "colour_match")
+        )
         assert row["mean"].item() == pytest.approx(float(base.double().mean()), abs=1e-6)
         # the CFG-ensemble x0 (g, 1 - g) is standard CFG
-        x0_row = table.filter((table["label"] == "x0") & (table["steps"] == steps) & (table["reward"] == "colour_match"))
+        x0_row = table.filter(
+            (table["label"] == "x0") & (table["steps"] == steps) & (table["reward"] == "colour_match")
+        )
         assert x0_row["mean"].item() == pytest.approx(row["mean"].item(), abs=SCORE_ATOL)
     decode(study.plot())
 
     comparison = evaluate_settings(
         _evaluator(backbone, space, ColourMatch(), n_models=2),
         {"default": Setting(None, steps=3), "low": Setting(None, steps=1), "calibrated-low": Setting(tuned, steps=1)},
-        prompts, seeds=(0, 1), reference="default", n_boot=300, clusters="prompt",
+        prompts,
+        seeds=(0, 1),
+        reference="default",
+        n_boot=300,
+        clusters="prompt",
     )
     t = comparison.table
     assert t.filter(t["label"] == "default")["delta"].item() == 0.0
@@ -185,8 +212,16 @@ def test_nfe_study_and_settings_comparison(backbone):
 def test_infer_n_models():
     from diffusers import FluxTransformer2DModel
 
-    tiny = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=1,
-                                  joint_attention_dim=8, pooled_projection_dim=8, in_channels=4, axes_dims_rope=(2, 2, 4))
+    tiny = FluxTransformer2DModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=1,
+        joint_attention_dim=8,
+        pooled_projection_dim=8,
+        in_channels=4,
+        axes_dims_rope=(2, 2, 4),
+    )
     space = CalibrationSpace.from_transformer(tiny, "block")
     assert space.size == 2
     assert infer_n_models(space, torch.ones(3)) == 1 and infer_n_models(space, np.ones(6)) == 2
@@ -200,8 +235,13 @@ def test_search_history_plot():
     from calibri_pipeline.method.analysis import plot_search_history
     from calibri_pipeline.method.search import CalibrationRun, SearchConfig
 
-    res = CalibrationRun(QuadraticObjective([0.5] * 3), [1.0] * 3, [-1.0] * 3, [2.0] * 3,
-                         SearchConfig(max_generations=6, bucket_size=4, val_every=2)).run()
+    res = CalibrationRun(
+        QuadraticObjective([0.5] * 3),
+        [1.0] * 3,
+        [-1.0] * 3,
+        [2.0] * 3,
+        SearchConfig(max_generations=6, bucket_size=4, val_every=2),
+    ).run()
     image = decode(plot_search_history(res.generations, title="quadratic"))
     assert image.width > 500
     with pytest.raises(ValueError, match="no generations"):

@@ -50,8 +50,14 @@ class World:
         self.store.put_json("models/existing.json", {"kind": "toy", "path": None})
         self.catalog_path = root / "catalog.duckdb"
         self.catalog = Catalog(self.catalog_path, lock_timeout=30)
-        rows = pl.DataFrame({"prompt_id": ["p1", "p2"], "text": ["a red cube", "a blue ball"], "source": ["test"] * 2,
-                             "split": ["train", "test"]})
+        rows = pl.DataFrame(
+            {
+                "prompt_id": ["p1", "p2"],
+                "text": ["a red cube", "a blue ball"],
+                "source": ["test"] * 2,
+                "split": ["train", "test"],
+            }
+        )
         self.catalog.replace("prompts", rows, {"prompt_set": PARTITION})
 
     def snapshot(self) -> dict[str, Any]:
@@ -79,10 +85,22 @@ def tiny_backbone():
         from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
         torch.manual_seed(0)
-        config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=1, num_single_blocks=1, num_heads=2,
-                                head_dim=16, text_max_length=8)
-        _TINY["backbone"] = ToyBackbone(build_toy_transformer(config, zero_init=False), config,
-                                        MiniLMTextEncoder(max_length=8), default_steps=1, default_guidance=2.0)
+        config = ToyModelConfig(
+            image_size=8,
+            patch_size=2,
+            num_double_blocks=1,
+            num_single_blocks=1,
+            num_heads=2,
+            head_dim=16,
+            text_max_length=8,
+        )
+        _TINY["backbone"] = ToyBackbone(
+            build_toy_transformer(config, zero_init=False),
+            config,
+            MiniLMTextEncoder(max_length=8),
+            default_steps=1,
+            default_guidance=2.0,
+        )
     return _TINY["backbone"]
 
 
@@ -121,9 +139,13 @@ def _materialize_prompts(world: World, model: str = "toy", reward: str = "world_
         instance.add_dynamic_partitions("model", [model])
         instance.add_dynamic_partitions("reward", [reward])
         dg.materialize(
-            [prompts], partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}), instance=instance,
-            resources={"catalog": CatalogResource(path=str(world.catalog_path)),
-                       "object_store": ObjectStoreResource(url=str(world.store_dir))},
+            [prompts],
+            partition_key=dg.MultiPartitionKey({"model": model, "reward": reward}),
+            instance=instance,
+            resources={
+                "catalog": CatalogResource(path=str(world.catalog_path)),
+                "object_store": ObjectStoreResource(url=str(world.store_dir)),
+            },
             run_config=_asset_config([prompts], **{k: v for k, v in fields.items() if v is not None}),
         )
 
@@ -194,7 +216,9 @@ def _unet_checkpoint(world: World) -> None:
 
     folder = world.root / "sd15"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    )
     world.before = world.snapshot()
     load_backbone(str(folder))
 
@@ -236,9 +260,17 @@ def _reward_with(value: float) -> Callable[[World], None]:
         backbone = tiny_backbone()
         space = CalibrationSpace.from_transformer(backbone.transformer, "block")
         train = [Prompt(f"a red cube #{i}") for i in range(4)]
-        calibrate(backbone, space, train, [Prompt("a blue ball")], Broken(), steps=1,
-                  config=SearchConfig(max_generations=2, bucket_size=4, popsize=3),
-                  store=LocalStateStore(world.root / "state"), run_name="broken")
+        calibrate(
+            backbone,
+            space,
+            train,
+            [Prompt("a blue ball")],
+            Broken(),
+            steps=1,
+            config=SearchConfig(max_generations=2, bucket_size=4, popsize=3),
+            store=LocalStateStore(world.root / "state"),
+            run_name="broken",
+        )
 
     return run
 
@@ -337,9 +369,17 @@ def _warm_start(values: list[float]) -> Callable[[World], None]:
 
         backbone = tiny_backbone()
         space = CalibrationSpace.from_transformer(backbone.transformer, "block")
-        calibrate(backbone, space, [Prompt(f"p{i}") for i in range(4)], [Prompt("v")], WorldQuality(), steps=1,
-                  warm_start=values, config=SearchConfig(max_generations=1, bucket_size=4, popsize=3),
-                  store=LocalStateStore(world.root / "state"))
+        calibrate(
+            backbone,
+            space,
+            [Prompt(f"p{i}") for i in range(4)],
+            [Prompt("v")],
+            WorldQuality(),
+            steps=1,
+            warm_start=values,
+            config=SearchConfig(max_generations=1, bucket_size=4, popsize=3),
+            store=LocalStateStore(world.root / "state"),
+        )
 
     return run
 
@@ -373,11 +413,18 @@ def _resume_other_settings(world: World) -> None:
             return {"kind": "quadratic"}
 
     store = world.store.state_store("calibration-state/toy/world_score/block-n1")
-    CalibrationRun(Quadratic(), np.ones(3), [-1.0] * 3, [2.0] * 3, SearchConfig(max_generations=2, bucket_size=4),
-                   store=store).run()
+    CalibrationRun(
+        Quadratic(), np.ones(3), [-1.0] * 3, [2.0] * 3, SearchConfig(max_generations=2, bucket_size=4), store=store
+    ).run()
     world.before = world.snapshot()  # the finished run is the state that must survive the bad resume
-    CalibrationRun(Quadratic(), np.ones(3), [-1.0] * 3, [2.0] * 3, SearchConfig(max_generations=2, bucket_size=4, seed=9),
-                   store=store).run()
+    CalibrationRun(
+        Quadratic(),
+        np.ones(3),
+        [-1.0] * 3,
+        [2.0] * 3,
+        SearchConfig(max_generations=2, bucket_size=4, seed=9),
+        store=store,
+    ).run()
 
 
 def _corrupt_model_spec(world: World) -> None:
@@ -395,95 +442,316 @@ def _bad_ray_address(world: World) -> None:
 
 
 NOTHING_WRITTEN = "the call fails before it writes anything"
-DEMO_CHECKED = ("checked in `main` before the home is set up (one stderr line, exit 2): no home, catalog, Dagster home "
-                "or objects folder")
+DEMO_CHECKED = (
+    "checked in `main` before the home is set up (one stderr line, exit 2): no home, catalog, Dagster home "
+    "or objects folder"
+)
 CASES: list[Case] = [
-    Case("unknown-backbone", "`load_backbone(\"flux-pro-ultra\")`", _unknown_backbone, ValueError,
-         r"unknown backbone 'flux-pro-ultra'; choose one of toy, flux, sd3, qwen-image", NOTHING_WRITTEN),
-    Case("unknown-model-key", "model key `sdxl` (not built in, no `models/sdxl.json`)", _unknown_model_key, ValueError,
-         r"unknown model 'sdxl': built-in models are", NOTHING_WRITTEN),
-    Case("unknown-model-partition", "`prompts` asset materialized for model partition `sdxl`", _unknown_model_partition,
-         ValueError, r"unknown model 'sdxl'", "the asset fails while resolving its preset, before `Catalog.replace`"),
-    Case("missing-checkpoint", "`load_backbone(\"<dir>/checkpoints/step-9999\")` (no such folder)", _missing_checkpoint,
-         FileNotFoundError, r"checkpoint folder .*step-9999' does not exist", NOTHING_WRITTEN),
-    Case("missing-toy-checkpoint", "`load_toy_backbone(\"<dir>/no-such-toy\")`", _missing_toy_checkpoint,
-         FileNotFoundError, r"toy checkpoint directory .*no-such-toy does not exist", NOTHING_WRITTEN),
-    Case("truncated-safetensors", "toy checkpoint whose `model.safetensors` was cut in half", _truncated_safetensors,
-         ValueError, r"model.safetensors are corrupt or unreadable", "loading only reads; the checkpoint folder is untouched"),
+    Case(
+        "unknown-backbone",
+        '`load_backbone("flux-pro-ultra")`',
+        _unknown_backbone,
+        ValueError,
+        r"unknown backbone 'flux-pro-ultra'; choose one of toy, flux, sd3, qwen-image",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "unknown-model-key",
+        "model key `sdxl` (not built in, no `models/sdxl.json`)",
+        _unknown_model_key,
+        ValueError,
+        r"unknown model 'sdxl': built-in models are",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "unknown-model-partition",
+        "`prompts` asset materialized for model partition `sdxl`",
+        _unknown_model_partition,
+        ValueError,
+        r"unknown model 'sdxl'",
+        "the asset fails while resolving its preset, before `Catalog.replace`",
+    ),
+    Case(
+        "missing-checkpoint",
+        '`load_backbone("<dir>/checkpoints/step-9999")` (no such folder)',
+        _missing_checkpoint,
+        FileNotFoundError,
+        r"checkpoint folder .*step-9999' does not exist",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "missing-toy-checkpoint",
+        '`load_toy_backbone("<dir>/no-such-toy")`',
+        _missing_toy_checkpoint,
+        FileNotFoundError,
+        r"toy checkpoint directory .*no-such-toy does not exist",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "truncated-safetensors",
+        "toy checkpoint whose `model.safetensors` was cut in half",
+        _truncated_safetensors,
+        ValueError,
+        r"model.safetensors are corrupt or unreadable",
+        "loading only reads; the checkpoint folder is untouched",
+    ),
     # (a UNet module handed to CalibrationSpace directly: tests/test_space.py::test_unet_gets_a_clear_error)
-    Case("non-dit-checkpoint", "a diffusers folder holding a `StableDiffusionPipeline` (UNet)", _unet_checkpoint,
-         ValueError, r"holds a StableDiffusionPipeline; supported pipelines: FluxPipeline", NOTHING_WRITTEN),
-    Case("empty-prompt-file", "a prompt `.txt` with only blank lines", _empty_prompt_file, PromptFileError,
-         r"prompts.txt: no prompts \(the file is empty or only blank lines\)", NOTHING_WRITTEN),
-    Case("malformed-jsonl", "a prompt `.jsonl` whose line 2 is not JSON", _malformed_jsonl, PromptFileError,
-         r"prompts.jsonl:2: invalid JSON", NOTHING_WRITTEN),
-    Case("nan-reward", "a reward returning NaN during `calibrate(store=...)`", _reward_with(math.nan), RewardError,
-         r"reward 'broken' returned non-finite scores at images \[1\]",
-         "the generation is saved only after it is scored: no state file, no manifest"),
-    Case("inf-reward", "a reward returning +inf during `calibrate(store=...)`", _reward_with(math.inf), RewardError,
-         r"reward 'broken' returned non-finite scores at images \[1\]",
-         "the generation is saved only after it is scored: no state file, no manifest"),
-    Case("reward-server-down", "`HTTPReward(\"http://127.0.0.1:<closed port>\")`", _reward_server_down, RewardError,
-         r"failed after 2 attempt\(s\): cannot reach the server", NOTHING_WRITTEN),
-    Case("reward-url-with-password", "`make_reward(\"http://scorer:<password>@127.0.0.1:8123\")`", _reward_url_with_password,
-         ValueError, r"reward server url must not carry credentials", "refused before any request; the password is not echoed"),
-    Case("s3-credentials-missing", "`ObjectStore(\"s3://calibri-bucket/runs\")` without `AWS_*` keys", _s3_without_credentials,
-         ObjectStoreError, r"S3 credentials missing: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY not set",
-         "the store refuses to be built, so no step can start writing"),
-    Case("unknown-granularity", "granularity `blocks`", _unknown_granularity, ValueError,
-         r"unknown granularity 'blocks'; choose one of block, layer, gate", NOTHING_WRITTEN),
-    Case("export-wrong-length", "exporting 2 numbers for a model whose block vector needs 2 coefficients + 1 weight",
-         _export_wrong_length, ValueError, r"Calibri vectors must have shape \[P, 3\] .* got \(1, 2\)",
-         "the vector is split before any member is baked or uploaded"),
-    Case("apply-wrong-length", "`space.apply(transformer, ones(size + 1))`", _apply_wrong_length, CalibrationError,
-         r"expected 5 coefficients \(gate granularity of FluxTransformer2DModel\), got 6", "checked before any hook is registered"),
-    Case("traversal-model-key", "checkpoint registered as model key `../../etc/passwd`", _traversal_model_key, ValueError,
-         r"invalid model key '../../etc/passwd'", "the key is validated before `models/<key>.json` is written"),
-    Case("traversal-object-key", "object key `images/../../outside.png`", _traversal_object_key, ValueError,
-         r"path traversal and empty segments are not allowed", "keys are validated before any path is built"),
-    Case("unknown-preset", "`prompts` asset with config `preset: flux-turbo`", _unknown_preset, ValueError,
-         r"unknown preset 'flux-turbo'; choose one of embedded-default", "the asset fails before `Catalog.replace`"),
-    Case("negative-n-train", "`prompts` asset with config `n_train: -5`", _negative_n_train, ValueError,
-         r"n_train must be a non-negative int, got -5", "the asset fails before `Catalog.replace`"),
-    Case("unknown-reward", "reward `hpsv4`", _unknown_reward, ValueError,
-         r"unknown reward 'hpsv4'; known rewards: world_score", NOTHING_WRITTEN),
-    Case("sql-write", "`calibri sql \"DELETE FROM prompts\"`", _sql_write, ValueError,
-         r"the catalog is read-only here: DELETE statements are refused", "refused before the catalog is opened"),
-    Case("sql-two-statements", "`calibri sql \"SELECT 1; DROP TABLE prompts\"`", _sql_write_hidden_in_cte, ValueError,
-         r"give exactly one SQL statement, got 2", "refused before the catalog is opened"),
-    Case("warm-start-wrong-length", "`calibrate(warm_start=[1, 1, 1, 1])` for a 2-block model",
-         _warm_start([1.0] * 4), ValueError, r"warm_start must have 3 entries .* or 2 \(one model's coefficients\), got 4",
-         NOTHING_WRITTEN),
-    Case("warm-start-nan", "`calibrate(warm_start=[nan, 1])`", _warm_start([math.nan, 1.0]), ValueError,
-         r"x0 contains NaN or infinite values", NOTHING_WRITTEN),
-    Case("nan-image", "an image tensor with a NaN pixel to `ObjectStore.put_png`", _nan_png, ValueError,
-         r"image contains NaN or infinite pixels", "converted and checked in memory before the atomic write"),
-    Case("nan-json", "`put_json` of a value holding NaN", _nan_json, ValueError,
-         r"value contains NaN or infinity, which JSON cannot hold", "serialised in memory before the atomic write"),
-    Case("resume-other-settings", "resuming a stored CMA-ES run with a different seed", _resume_other_settings, ValueError,
-         r"already holds a run named 'calibration' with different settings \(config.seed\)",
-         "the stored state is compared before anything is saved; the finished run stays as it was"),
-    Case("corrupt-model-spec", "`models/<key>.json` without a `kind`", _corrupt_model_spec, ValueError,
-         r"model spec models/toy--broken.json is malformed \(no 'kind'\)", "only reads the spec"),
-    Case("credentials-in-ray-address", "`RayResource(address=\"ray://admin:hunter2@head:10001\")`", _bad_ray_address,
-         ValidationError, r"must not carry credentials", NOTHING_WRITTEN),
-    Case("demo-unknown-preset", "`calibri demo --preset flux-turbo`", _demo_args("--preset", "flux-turbo"),
-         DemoUsageError, r"unknown preset 'flux-turbo'; the demo runs one of embedded-default, embedded-gate-cfg", DEMO_CHECKED),
-    Case("demo-preset-for-another-model", "`calibri demo --preset flux-block-hpsv3`", _demo_args("--preset", "flux-block-hpsv3"),
-         DemoUsageError, r"preset 'flux-block-hpsv3' is for model 'flux', the demo runs model 'toy'", DEMO_CHECKED),
-    Case("demo-unknown-reward", "`calibri demo --reward hpsv4`", _demo_args("--reward", "hpsv4"), DemoUsageError,
-         r"unknown reward 'hpsv4' for the demo .*choose one of world_score, world_alignment, world_quality", DEMO_CHECKED),
-    Case("demo-unknown-size", "`calibri demo --size huge`", _demo_args("--size", "huge"), DemoUsageError,
-         r"unknown size 'huge'; choose one of default, small, tiny", DEMO_CHECKED),
-    Case("demo-home-is-a-file", "`calibri demo --home <an existing file>`",
-         _demo_args(home="objects/models/existing.json"), DemoUsageError, r"--home .*existing.json is a file, not a directory",
-         DEMO_CHECKED),
-    Case("demo-home-under-a-file", "`calibri demo --home <an existing file>/home`",
-         _demo_args(home="objects/models/existing.json/home"), DemoUsageError,
-         r"--home .*existing.json/home cannot be created: .*existing.json is a file", DEMO_CHECKED),
-    Case("unknown-reward-partition", "`prompts` asset materialized for reward partition `hpsv4`", _unknown_reward_partition,
-         ValueError, r"unknown reward partition 'hpsv4'; a calibration optimises one of world_score",
-         "the asset fails while reading its partition keys, before `Catalog.replace`"),
+    Case(
+        "non-dit-checkpoint",
+        "a diffusers folder holding a `StableDiffusionPipeline` (UNet)",
+        _unet_checkpoint,
+        ValueError,
+        r"holds a StableDiffusionPipeline; supported pipelines: FluxPipeline",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "empty-prompt-file",
+        "a prompt `.txt` with only blank lines",
+        _empty_prompt_file,
+        PromptFileError,
+        r"prompts.txt: no prompts \(the file is empty or only blank lines\)",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "malformed-jsonl",
+        "a prompt `.jsonl` whose line 2 is not JSON",
+        _malformed_jsonl,
+        PromptFileError,
+        r"prompts.jsonl:2: invalid JSON",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "nan-reward",
+        "a reward returning NaN during `calibrate(store=...)`",
+        _reward_with(math.nan),
+        RewardError,
+        r"reward 'broken' returned non-finite scores at images \[1\]",
+        "the generation is saved only after it is scored: no state file, no manifest",
+    ),
+    Case(
+        "inf-reward",
+        "a reward returning +inf during `calibrate(store=...)`",
+        _reward_with(math.inf),
+        RewardError,
+        r"reward 'broken' returned non-finite scores at images \[1\]",
+        "the generation is saved only after it is scored: no state file, no manifest",
+    ),
+    Case(
+        "reward-server-down",
+        '`HTTPReward("http://127.0.0.1:<closed port>")`',
+        _reward_server_down,
+        RewardError,
+        r"failed after 2 attempt\(s\): cannot reach the server",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "reward-url-with-password",
+        '`make_reward("http://scorer:<password>@127.0.0.1:8123")`',
+        _reward_url_with_password,
+        ValueError,
+        r"reward server url must not carry credentials",
+        "refused before any request; the password is not echoed",
+    ),
+    Case(
+        "s3-credentials-missing",
+        '`ObjectStore("s3://calibri-bucket/runs")` without `AWS_*` keys',
+        _s3_without_credentials,
+        ObjectStoreError,
+        r"S3 credentials missing: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY not set",
+        "the store refuses to be built, so no step can start writing",
+    ),
+    Case(
+        "unknown-granularity",
+        "granularity `blocks`",
+        _unknown_granularity,
+        ValueError,
+        r"unknown granularity 'blocks'; choose one of block, layer, gate",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "export-wrong-length",
+        "exporting 2 numbers for a model whose block vector needs 2 coefficients + 1 weight",
+        _export_wrong_length,
+        ValueError,
+        r"Calibri vectors must have shape \[P, 3\] .* got \(1, 2\)",
+        "the vector is split before any member is baked or uploaded",
+    ),
+    Case(
+        "apply-wrong-length",
+        "`space.apply(transformer, ones(size + 1))`",
+        _apply_wrong_length,
+        CalibrationError,
+        r"expected 5 coefficients \(gate granularity of FluxTransformer2DModel\), got 6",
+        "checked before any hook is registered",
+    ),
+    Case(
+        "traversal-model-key",
+        "checkpoint registered as model key `../../etc/passwd`",
+        _traversal_model_key,
+        ValueError,
+        r"invalid model key '../../etc/passwd'",
+        "the key is validated before `models/<key>.json` is written",
+    ),
+    Case(
+        "traversal-object-key",
+        "object key `images/../../outside.png`",
+        _traversal_object_key,
+        ValueError,
+        r"path traversal and empty segments are not allowed",
+        "keys are validated before any path is built",
+    ),
+    Case(
+        "unknown-preset",
+        "`prompts` asset with config `preset: flux-turbo`",
+        _unknown_preset,
+        ValueError,
+        r"unknown preset 'flux-turbo'; choose one of embedded-default",
+        "the asset fails before `Catalog.replace`",
+    ),
+    Case(
+        "negative-n-train",
+        "`prompts` asset with config `n_train: -5`",
+        _negative_n_train,
+        ValueError,
+        r"n_train must be a non-negative int, got -5",
+        "the asset fails before `Catalog.replace`",
+    ),
+    Case(
+        "unknown-reward",
+        "reward `hpsv4`",
+        _unknown_reward,
+        ValueError,
+        r"unknown reward 'hpsv4'; known rewards: world_score",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "sql-write",
+        '`calibri sql "DELETE FROM prompts"`',
+        _sql_write,
+        ValueError,
+        r"the catalog is read-only here: DELETE statements are refused",
+        "refused before the catalog is opened",
+    ),
+    Case(
+        "sql-two-statements",
+        '`calibri sql "SELECT 1; DROP TABLE prompts"`',
+        _sql_write_hidden_in_cte,
+        ValueError,
+        r"give exactly one SQL statement, got 2",
+        "refused before the catalog is opened",
+    ),
+    Case(
+        "warm-start-wrong-length",
+        "`calibrate(warm_start=[1, 1, 1, 1])` for a 2-block model",
+        _warm_start([1.0] * 4),
+        ValueError,
+        r"warm_start must have 3 entries .* or 2 \(one model's coefficients\), got 4",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "warm-start-nan",
+        "`calibrate(warm_start=[nan, 1])`",
+        _warm_start([math.nan, 1.0]),
+        ValueError,
+        r"x0 contains NaN or infinite values",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "nan-image",
+        "an image tensor with a NaN pixel to `ObjectStore.put_png`",
+        _nan_png,
+        ValueError,
+        r"image contains NaN or infinite pixels",
+        "converted and checked in memory before the atomic write",
+    ),
+    Case(
+        "nan-json",
+        "`put_json` of a value holding NaN",
+        _nan_json,
+        ValueError,
+        r"value contains NaN or infinity, which JSON cannot hold",
+        "serialised in memory before the atomic write",
+    ),
+    Case(
+        "resume-other-settings",
+        "resuming a stored CMA-ES run with a different seed",
+        _resume_other_settings,
+        ValueError,
+        r"already holds a run named 'calibration' with different settings \(config.seed\)",
+        "the stored state is compared before anything is saved; the finished run stays as it was",
+    ),
+    Case(
+        "corrupt-model-spec",
+        "`models/<key>.json` without a `kind`",
+        _corrupt_model_spec,
+        ValueError,
+        r"model spec models/toy--broken.json is malformed \(no 'kind'\)",
+        "only reads the spec",
+    ),
+    Case(
+        "credentials-in-ray-address",
+        '`RayResource(address="ray://admin:hunter2@head:10001")`',
+        _bad_ray_address,
+        ValidationError,
+        r"must not carry credentials",
+        NOTHING_WRITTEN,
+    ),
+    Case(
+        "demo-unknown-preset",
+        "`calibri demo --preset flux-turbo`",
+        _demo_args("--preset", "flux-turbo"),
+        DemoUsageError,
+        r"unknown preset 'flux-turbo'; the demo runs one of embedded-default, embedded-gate-cfg",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "demo-preset-for-another-model",
+        "`calibri demo --preset flux-block-hpsv3`",
+        _demo_args("--preset", "flux-block-hpsv3"),
+        DemoUsageError,
+        r"preset 'flux-block-hpsv3' is for model 'flux', the demo runs model 'toy'",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "demo-unknown-reward",
+        "`calibri demo --reward hpsv4`",
+        _demo_args("--reward", "hpsv4"),
+        DemoUsageError,
+        r"unknown reward 'hpsv4' for the demo .*choose one of world_score, world_alignment, world_quality",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "demo-unknown-size",
+        "`calibri demo --size huge`",
+        _demo_args("--size", "huge"),
+        DemoUsageError,
+        r"unknown size 'huge'; choose one of default, small, tiny",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "demo-home-is-a-file",
+        "`calibri demo --home <an existing file>`",
+        _demo_args(home="objects/models/existing.json"),
+        DemoUsageError,
+        r"--home .*existing.json is a file, not a directory",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "demo-home-under-a-file",
+        "`calibri demo --home <an existing file>/home`",
+        _demo_args(home="objects/models/existing.json/home"),
+        DemoUsageError,
+        r"--home .*existing.json/home cannot be created: .*existing.json is a file",
+        DEMO_CHECKED,
+    ),
+    Case(
+        "unknown-reward-partition",
+        "`prompts` asset materialized for reward partition `hpsv4`",
+        _unknown_reward_partition,
+        ValueError,
+        r"unknown reward partition 'hpsv4'; a calibration optimises one of world_score",
+        "the asset fails while reading its partition keys, before `Catalog.replace`",
+    ),
 ]
 
 
@@ -528,7 +796,11 @@ def test_the_table_has_enough_distinct_cases() -> None:
 #: `calibri demo` with a bad choice, run as a command: (id, arguments, words its one stderr line must hold)
 DEMO_BAD_CHOICES = [
     ("unknown-preset", ["--preset", "flux-turbo"], ["unknown preset", "'flux-turbo'", "embedded-default"]),
-    ("preset-for-another-model", ["--preset", "flux-block-hpsv3"], ["preset 'flux-block-hpsv3'", "model 'flux'", "embedded-default"]),
+    (
+        "preset-for-another-model",
+        ["--preset", "flux-block-hpsv3"],
+        ["preset 'flux-block-hpsv3'", "model 'flux'", "embedded-default"],
+    ),
     ("unknown-reward", ["--reward", "hpsv4"], ["unknown reward", "'hpsv4'", "world_score"]),
     ("unknown-size", ["--size", "huge"], ["unknown size", "'huge'", "tiny"]),
     ("home-is-a-file", ["--home", "{file}"], ["--home", "is a file, not a directory"]),
@@ -537,8 +809,9 @@ DEMO_BAD_CHOICES = [
 
 
 @pytest.mark.parametrize(("argv", "words"), [c[1:] for c in DEMO_BAD_CHOICES], ids=[c[0] for c in DEMO_BAD_CHOICES])
-def test_calibri_demo_refuses_a_bad_choice_in_one_line_and_creates_nothing(argv: list[str], words: list[str],
-                                                                           tmp_path: Path) -> None:
+def test_calibri_demo_refuses_a_bad_choice_in_one_line_and_creates_nothing(
+    argv: list[str], words: list[str], tmp_path: Path
+) -> None:
     import os
     import subprocess
     import sys
@@ -554,8 +827,14 @@ def test_calibri_demo_refuses_a_bad_choice_in_one_line_and_creates_nothing(argv:
     env["PYTHONPATH"] = str(repo)
     before = sorted(tmp_path.rglob("*"))
     # run from tmp_path: without --home the demo would use ./.calibri, so the working directory is watched too
-    proc = subprocess.run([sys.executable, "-m", "calibri_pipeline.cli", "demo", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "calibri_pipeline.cli", "demo", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -50,7 +50,9 @@ def test_schema_matches_the_documented_tables(tmp_catalog: Catalog) -> None:
         assert f"### `{table.name}`" in SCHEMA_DOC
         for column in table.columns:
             assert f"| `{column.name}` |" in SCHEMA_DOC
-    assert tmp_catalog.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == str(SCHEMA_VERSION)
+    assert tmp_catalog.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == str(
+        SCHEMA_VERSION
+    )
     import calibri_pipeline.storage.catalog as catalog_module
 
     assert SCHEMA_DOC in (catalog_module.__doc__ or "")  # the module docstring documents the schema
@@ -83,11 +85,15 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
         con.execute("ALTER TABLE evaluations DROP COLUMN setting")
         con.execute("ALTER TABLE evaluations DROP COLUMN guidance")
         con.execute("UPDATE catalog_meta SET value = '1' WHERE key = 'schema_version'")
-        con.execute("INSERT INTO calibration_runs (run_id, model, reward, granularity, status, coefficients) "
-                    "VALUES ('r', 'toy', 'world_score', 'block', 'finished', [1.0, 0.5])")
-        con.execute("INSERT INTO evaluations (run_key, model, reward, calibrated, calibration, nfe, mean, n) VALUES "
-                    "('toy|world_score', 'toy', 'world_score', true, 'r', 4, 0.7, 8), "
-                    "('toy|world_score', 'toy', 'world_score', false, 'baseline', 4, 0.6, 8)")
+        con.execute(
+            "INSERT INTO calibration_runs (run_id, model, reward, granularity, status, coefficients) "
+            "VALUES ('r', 'toy', 'world_score', 'block', 'finished', [1.0, 0.5])"
+        )
+        con.execute(
+            "INSERT INTO evaluations (run_key, model, reward, calibrated, calibration, nfe, mean, n) VALUES "
+            "('toy|world_score', 'toy', 'world_score', true, 'r', 4, 0.7, 8), "
+            "('toy|world_score', 'toy', 'world_score', false, 'baseline', 4, 0.6, 8)"
+        )
     upgraded = Catalog(path)
     assert upgraded.query("SELECT value FROM catalog_meta WHERE key = 'schema_version'").item() == str(SCHEMA_VERSION)
     assert upgraded.query("SELECT vector FROM calibration_runs").item().to_list() == [1.0, 0.5]
@@ -100,12 +106,25 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
 
 
 def test_insert_new_keeps_the_first_row_of_a_key(tmp_catalog: Catalog) -> None:
-    row = dict(image_key="k1", model="toy", identity="i", prompt_id="p", text="a red circle", seed=1, steps=4,
-               guidance=3.5, vector_id="baseline", vector=None, uri="file:///x/1.png")
+    row = dict(
+        image_key="k1",
+        model="toy",
+        identity="i",
+        prompt_id="p",
+        text="a red circle",
+        seed=1,
+        steps=4,
+        guidance=3.5,
+        vector_id="baseline",
+        vector=None,
+        uri="file:///x/1.png",
+    )
     df = pl.DataFrame([row, dict(row, image_key="k2")], schema_overrides={"vector": pl.List(pl.Float64)})
     assert tmp_catalog.insert_new("image_cache", df, key="image_key") == 2
-    again = pl.DataFrame([dict(row, uri="file:///other.png"), dict(row, image_key="k3")],
-                         schema_overrides={"vector": pl.List(pl.Float64)})
+    again = pl.DataFrame(
+        [dict(row, uri="file:///other.png"), dict(row, image_key="k3")],
+        schema_overrides={"vector": pl.List(pl.Float64)},
+    )
     assert tmp_catalog.insert_new("image_cache", again, key="image_key") == 1
     uris = tmp_catalog.query("SELECT image_key, uri FROM image_cache ORDER BY image_key").rows()
     assert uris == [("k1", "file:///x/1.png"), ("k2", "file:///x/1.png"), ("k3", "file:///x/1.png")]
@@ -121,7 +140,9 @@ def test_rematerializing_a_partition_replaces_its_rows(tmp_catalog: Catalog) -> 
     assert (again.deleted, again.inserted) == (6, 6)
     smaller = tmp_catalog.replace("images", _images("baseline/toy", 3, offset=10), {"run_key": "baseline/toy"})
     assert (smaller.deleted, smaller.inserted) == (6, 3)
-    counts = tmp_catalog.query("SELECT run_key, count(*) AS n, count(DISTINCT image_id) AS ids FROM images GROUP BY 1 ORDER BY 1")
+    counts = tmp_catalog.query(
+        "SELECT run_key, count(*) AS n, count(DISTINCT image_id) AS ids FROM images GROUP BY 1 ORDER BY 1"
+    )
     assert counts.rows() == [("baseline/other", 4, 4), ("baseline/toy", 3, 3)]
     seeds = tmp_catalog.query("SELECT seed FROM images WHERE run_key = 'baseline/toy' ORDER BY seed")["seed"].to_list()
     assert seeds == [10, 11, 12]
@@ -133,7 +154,9 @@ def test_rematerializing_a_partition_replaces_its_rows(tmp_catalog: Catalog) -> 
 def test_partition_keys_fill_in_and_foreign_rows_are_refused(tmp_catalog: Catalog) -> None:
     scores = pl.DataFrame({"image_id": ["a", "b"], "score": [0.5, 0.25]})
     tmp_catalog.replace("scores", scores, {"run_key": "baseline/toy", "reward": "world"})
-    tmp_catalog.replace("scores", scores.with_columns(score=pl.col("score") * 2), {"run_key": "baseline/toy", "reward": "quality"})
+    tmp_catalog.replace(
+        "scores", scores.with_columns(score=pl.col("score") * 2), {"run_key": "baseline/toy", "reward": "quality"}
+    )
     tmp_catalog.replace("scores", scores, {"run_key": "baseline/toy", "reward": "world"})
     assert tmp_catalog.query("SELECT reward, sum(score) AS s FROM scores GROUP BY 1 ORDER BY 1").rows() == [
         ("quality", 1.5),
@@ -146,7 +169,9 @@ def test_partition_keys_fill_in_and_foreign_rows_are_refused(tmp_catalog: Catalo
 
 
 def test_where_none_matches_null_and_empty_where_replaces_the_table(tmp_catalog: Catalog) -> None:
-    prompts = pl.DataFrame({"prompt_id": ["p1", "p2"], "text": ["a red cube", "a blue ball"], "source": "world-grammar"})
+    prompts = pl.DataFrame(
+        {"prompt_id": ["p1", "p2"], "text": ["a red cube", "a blue ball"], "source": "world-grammar"}
+    )
     tmp_catalog.replace("prompts", prompts.with_columns(split=pl.lit(None, pl.String)), {"split": None})
     tmp_catalog.replace("prompts", prompts.with_columns(split=pl.lit("val")), {"split": "val"})
     tmp_catalog.replace("prompts", prompts.head(1), {"split": None})
@@ -175,7 +200,12 @@ def test_bad_replace_calls_are_refused(tmp_catalog: Catalog, table, df, where, e
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (pl.DataFrame({"image_id": ["x"], "seed": ["not a number"], "model": "toy", "prompt_id": "p", "steps": 4, "uri": "u"}), "Could not convert"),
+        (
+            pl.DataFrame(
+                {"image_id": ["x"], "seed": ["not a number"], "model": "toy", "prompt_id": "p", "steps": 4, "uri": "u"}
+            ),
+            "Could not convert",
+        ),
         (pl.DataFrame({"image_id": ["x"], "seed": [1], "model": "toy", "prompt_id": "p", "steps": 4}), "NOT NULL"),
     ],
 )
@@ -222,7 +252,12 @@ def test_lists_and_json_round_trip_through_arrow(tmp_catalog: Catalog) -> None:
     )
     tmp_catalog.replace("calibration_runs", run, {"run_id": "toy-world-block"})
     candidates = pl.DataFrame(
-        {"generation": [0, 0, 1], "candidate": [0, 1, 0], "fitness": [0.1, 0.2, 0.3], "vector": [[1.0, 1.0], [0.9, 1.1], [0.8, 1.2]]}
+        {
+            "generation": [0, 0, 1],
+            "candidate": [0, 1, 0],
+            "fitness": [0.1, 0.2, 0.3],
+            "vector": [[1.0, 1.0], [0.9, 1.1], [0.8, 1.2]],
+        }
     )
     tmp_catalog.replace("cmaes_candidates", candidates, {"run_id": "toy-world-block"})
     back = tmp_catalog.query(
@@ -232,7 +267,9 @@ def test_lists_and_json_round_trip_through_arrow(tmp_catalog: Catalog) -> None:
     best = tmp_catalog.query("SELECT vector FROM cmaes_candidates ORDER BY fitness DESC LIMIT 1").item()
     assert best.to_list() == [0.8, 1.2]
     with pytest.raises(CatalogError, match="nothing changed"):
-        tmp_catalog.replace("calibration_runs", run.with_columns(config=pl.lit("{not json")), {"run_id": "toy-world-block"})
+        tmp_catalog.replace(
+            "calibration_runs", run.with_columns(config=pl.lit("{not json")), {"run_id": "toy-world-block"}
+        )
     assert tmp_catalog.count("calibration_runs") == 1
 
 
@@ -252,8 +289,15 @@ def test_query_is_read_only_and_a_missing_catalog_is_not_created(tmp_catalog: Ca
 
 @pytest.mark.parametrize(
     "sql",
-    ["SELECT 1", "WITH x AS (SELECT 1 AS a) SELECT * FROM x", "FROM images", "DESCRIBE images", "SHOW TABLES",
-     "SUMMARIZE images", "EXPLAIN SELECT 1"],
+    [
+        "SELECT 1",
+        "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
+        "FROM images",
+        "DESCRIBE images",
+        "SHOW TABLES",
+        "SUMMARIZE images",
+        "EXPLAIN SELECT 1",
+    ],
 )
 def test_read_statements_pass_the_check(sql: str) -> None:
     check_read_only_sql(sql)

@@ -52,7 +52,11 @@ def test_default_resources_follow_the_environment(tmp_path: Path, monkeypatch: p
     assert resources["ray"].address is None  # in-process unless CALIBRI_RAY_ADDRESS says otherwise
     assert resources["catalog"].path == str(tmp_path / "home" / "catalog.duckdb")
     assert resources["object_store"].url == str(tmp_path / "home" / "objects")
-    assert (resources["compute"].device, resources["compute"].dtype, resources["compute"].threads) == ("auto", "float32", 2)
+    assert (resources["compute"].device, resources["compute"].dtype, resources["compute"].threads) == (
+        "auto",
+        "float32",
+        2,
+    )
     monkeypatch.setenv("CALIBRI_OBJECT_STORE", "s3://bucket/prefix")
     monkeypatch.setenv("CALIBRI_CATALOG", str(tmp_path / "elsewhere.duckdb"))
     resources = default_resources()
@@ -75,13 +79,17 @@ def test_resources_in_a_real_materialization(tmp_path: Path) -> None:
     seen: dict[str, object] = {}
 
     @dg.asset(pool=GPU_POOL)
-    def tiny_images(compute: ComputeResource, object_store: ObjectStoreResource, catalog: CatalogResource) -> dg.MaterializeResult:
+    def tiny_images(
+        compute: ComputeResource, object_store: ObjectStoreResource, catalog: CatalogResource
+    ) -> dg.MaterializeResult:
         seen.update(device=compute.torch_device(), dtype=compute.torch_dtype(), threads=torch.get_num_threads())
         image = torch.zeros(3, 4, 4, dtype=compute.torch_dtype(), device=compute.torch_device()).float()
         uri = object_store.store.put_png("baseline/toy/img_0.png", image)
         result = catalog.catalog.replace(
             "images",
-            pl.DataFrame({"image_id": ["img_0"], "model": "toy", "prompt_id": "p", "seed": [0], "steps": 4, "uri": [uri]}),
+            pl.DataFrame(
+                {"image_id": ["img_0"], "model": "toy", "prompt_id": "p", "seed": [0], "steps": 4, "uri": [uri]}
+            ),
             {"run_key": "baseline/toy"},
         )
         return dg.MaterializeResult(metadata={"rows": result.inserted, "uri": uri})
@@ -175,7 +183,12 @@ def test_gpu_pool_limit_keeps_two_runs_off_the_same_card(tmp_path: Path) -> None
     spans = tmp_path / "spans.jsonl"
     runs = [
         subprocess.Popen(
-            [sys.executable, "-c", _GPU_STEP, name, str(spans)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [sys.executable, "-c", _GPU_STEP, name, str(spans)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for name in ("gpu_step_a", "gpu_step_b")
     ]
@@ -244,7 +257,7 @@ def _group_alive(pgid: int) -> bool:
             stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split() if stat else []
+        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
         if fields and fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
@@ -261,7 +274,18 @@ def test_dagster_dev_serves_the_definitions(tmp_path: Path, loopback_port: int) 
     log_path = tmp_path / "dagster_dev.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "dagster",
+                "dev",
+                "-w",
+                str(REPO / "workspace.yaml"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -317,7 +341,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
     return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
 
 
@@ -355,15 +379,18 @@ def _like_a_background_job() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop_and_check_tree(launcher: subprocess.Popen, sig: int, tree: dict[int, int], log_path: Path,
-                         timeout: float, expected_rc: int) -> None:
+def _stop_and_check_tree(
+    launcher: subprocess.Popen, sig: int, tree: dict[int, int], log_path: Path, timeout: float, expected_rc: int
+) -> None:
     """Send ``sig`` to the launcher; it must exit with expected_rc within timeout and leave nothing running."""
     t0 = time.monotonic()
     os.kill(launcher.pid, sig)
     try:
         rc = launcher.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"launcher still running {timeout:g} s after {signal.Signals(sig).name}:\n{log_path.read_text()[-3000:]}")
+        pytest.fail(
+            f"launcher still running {timeout:g} s after {signal.Signals(sig).name}:\n{log_path.read_text()[-3000:]}"
+        )
     assert rc == expected_rc, f"launcher exit code {rc}:\n{log_path.read_text()[-3000:]}"
     deadline = time.monotonic() + 5
     while (left := {p for p, start in tree.items() if _running(p, start)}) and time.monotonic() < deadline:
@@ -384,7 +411,9 @@ def _kill_leftovers(launcher: subprocess.Popen, tree: dict[int, int]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("sig", "cli"), [(signal.SIGTERM, "dg"), (signal.SIGINT, "dagster")], ids=["SIGTERM-dg", "SIGINT-dagster"])
+@pytest.mark.parametrize(
+    ("sig", "cli"), [(signal.SIGTERM, "dg"), (signal.SIGINT, "dagster")], ids=["SIGTERM-dg", "SIGINT-dagster"]
+)
 def test_calibri_dev_stops_with_its_whole_tree(tmp_path: Path, loopback_port: int, sig: int, cli: str) -> None:
     """`calibri dev` started like a background job (SIGINT ignored) serves the definitions, and one
     SIGTERM or SIGINT to it stops the webserver, daemon and code servers cleanly (exit 0, no SIGKILL)."""
@@ -395,8 +424,13 @@ def test_calibri_dev_stops_with_its_whole_tree(tmp_path: Path, loopback_port: in
     with open(log_path, "wb") as log:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "calibri_pipeline.cli", "dev", "--cli", cli, "--port", str(loopback_port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            process_group=0, preexec_fn=_like_a_background_job,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_like_a_background_job,
         )
     tree: dict[int, int] = {}
     try:
@@ -444,12 +478,19 @@ def test_launcher_kills_a_server_that_will_not_stop(tmp_path: Path, second_signa
     or at once on a second signal; the launcher then exits with 128 + 9."""
     ready = tmp_path / "ready"
     grace = 60 if second_signal else 1
-    code = (f"import sys; from calibri_pipeline.dev_server import supervise; "
-            f"sys.exit(supervise([sys.executable, '-c', {_STUBBORN!r}, {str(ready)!r}], grace={grace}))")
+    code = (
+        f"import sys; from calibri_pipeline.dev_server import supervise; "
+        f"sys.exit(supervise([sys.executable, '-c', {_STUBBORN!r}, {str(ready)!r}], grace={grace}))"
+    )
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
-        launcher = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
-                                    process_group=0, preexec_fn=_like_a_background_job)
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+            preexec_fn=_like_a_background_job,
+        )
     tree: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 30
@@ -475,7 +516,11 @@ def test_dg_check_defs(tmp_path: Path) -> None:
     """`dg check defs` finds the project through [tool.dg] in pyproject.toml and loads its definitions."""
     result = subprocess.run(
         [sys.executable, "-m", "dagster_dg_cli.cli", "check", "defs"],
-        cwd=REPO, env=_subprocess_env(tmp_path), capture_output=True, text=True, timeout=110,
+        cwd=REPO,
+        env=_subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All definitions loaded successfully" in result.stdout + result.stderr

@@ -87,8 +87,13 @@ def test_dynamic_shift_reproduces_the_scheduler_sigmas(image_seq_len):
     config = random_init.FLUX_DEV_SCHEDULER
     scheduler = FlowMatchEulerDiscreteScheduler(**config)
     steps = 15
-    mu = calculate_shift(image_seq_len, config["base_image_seq_len"], config["max_image_seq_len"],
-                         config["base_shift"], config["max_shift"])
+    mu = calculate_shift(
+        image_seq_len,
+        config["base_image_seq_len"],
+        config["max_image_seq_len"],
+        config["base_shift"],
+        config["max_shift"],
+    )
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     shift = scheduler_shift(scheduler.config, image_seq_len)
     assert shift == pytest.approx(math.exp(mu))
@@ -188,21 +193,23 @@ def test_cfg_ensemble(backbones, arch):
     cond_only = x0.clone()
     cond_only[-2:] = torch.tensor([1.0, 0.0], dtype=x0.dtype)
     guidance_one = _gen(bb, PROMPTS[:1], [4], guidance=1.0)
-    torch.testing.assert_close(_gen(bb, PROMPTS[:1], [4], space=space, vectors=cond_only, n_models=2),
-                               guidance_one, atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        _gen(bb, PROMPTS[:1], [4], space=space, vectors=cond_only, n_models=2), guidance_one, atol=2e-5, rtol=0
+    )
     assert (guidance_one - base).abs().max() > 1e-3
     # calibrating only the unconditional member changes the guided image
     uncond_scaled = x0.clone()
-    uncond_scaled[space.size: 2 * space.size] = 0.5
+    uncond_scaled[space.size : 2 * space.size] = 0.5
     changed = _gen(bb, PROMPTS[:1], [4], space=space, vectors=uncond_scaled, n_models=2)
     assert (changed - base).abs().max() > 1e-3
     # a third member is another conditional pass that starts at weight 0: x0 is still standard CFG,
     # and with some blocks at 0 it is skip-layer guidance (weights g + s, 1 - g, -s)
     x0_3 = _layout(bb, space, 3).initial(bb.default_guidance)
-    torch.testing.assert_close(_gen(bb, PROMPTS[:1], [4], space=space, vectors=x0_3, n_models=3), base,
-                               atol=2e-5, rtol=0)  # a third pass enlarges the batch: equal up to rounding
+    torch.testing.assert_close(
+        _gen(bb, PROMPTS[:1], [4], space=space, vectors=x0_3, n_models=3), base, atol=2e-5, rtol=0
+    )  # a third pass enlarges the batch: equal up to rounding
     slg = x0_3.clone()
-    slg[2 * space.size: 2 * space.size + 4] = 0.0  # the first block's gates skipped in member 3
+    slg[2 * space.size : 2 * space.size + 4] = 0.0  # the first block's gates skipped in member 3
     g = bb.default_guidance
     slg[-3:] = torch.tensor([g + 1.5, 1.0 - g, -1.5], dtype=slg.dtype)
     assert (_gen(bb, PROMPTS[:1], [4], space=space, vectors=slg, n_models=3) - base).abs().max() > 1e-3
@@ -240,8 +247,13 @@ def test_matches_stock_pipeline_call(pipes, backbones, arch):
         ref = pipe(PROMPTS[:2], guidance_scale=bb.default_guidance, max_sequence_length=16, **common).images
     elif arch == "sd3":
         # the stock SD3 default schedule ends at sigma_min ~ 0.003; give it flow_sigmas' grid to compare
-        ref = pipe(PROMPTS[:2], guidance_scale=bb.default_guidance, max_sequence_length=16,
-                   sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)), **common).images
+        ref = pipe(
+            PROMPTS[:2],
+            guidance_scale=bb.default_guidance,
+            max_sequence_length=16,
+            sigmas=list(np.linspace(1.0, 1 / STEPS, STEPS)),
+            **common,
+        ).images
     else:
         ref = pipe(PROMPTS[:2], negative_prompt=" ", true_cfg_scale=bb.default_guidance, **common).images
     assert ref.shape == ours.shape
@@ -442,8 +454,9 @@ def test_registry_toy_dispatch(tmp_path):
 
     from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
 
-    config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=1, num_single_blocks=1,
-                            num_heads=2, head_dim=8, text_max_length=4)
+    config = ToyModelConfig(
+        image_size=8, patch_size=2, num_double_blocks=1, num_single_blocks=1, num_heads=2, head_dim=8, text_max_length=4
+    )
     model = build_toy_transformer(config, zero_init=False)
     (tmp_path / "config.json").write_text(json.dumps({"model": config.to_dict()}))
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
@@ -471,16 +484,26 @@ def test_lora_is_fused_into_plain_linear_layers(tmp_path):
     pipe.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets))
     lora_state = get_peft_model_state_dict(pipe.transformer)
     FluxPipeline.save_lora_weights(
-        tmp_path / "lora", transformer_lora_layers=lora_state,
+        tmp_path / "lora",
+        transformer_lora_layers=lora_state,
         transformer_lora_adapter_metadata=pipe.transformer.peft_config["default"].to_dict(),
     )
     scale = 0.5
-    bb = load_backbone(str(tmp_path / "base"), lora=str(tmp_path / "lora"), lora_scale=scale,
-                       resolution=RES, max_sequence_length=16, device="cpu")
+    bb = load_backbone(
+        str(tmp_path / "base"),
+        lora=str(tmp_path / "lora"),
+        lora_scale=scale,
+        resolution=RES,
+        max_sequence_length=16,
+        device="cpu",
+    )
     fused = bb.transformer.state_dict()
     assert set(fused) == set(base)  # no lora_A / lora_B left behind
-    for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_add_out",
-                 "single_transformer_blocks.1.proj_out"):
+    for name in (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_add_out",
+        "single_transformer_blocks.1.proj_out",
+    ):
         delta = lora_state[f"{name}.lora_B.weight"] @ lora_state[f"{name}.lora_A.weight"]
         expected = base[f"{name}.weight"] + scale * (alpha / rank) * delta
         torch.testing.assert_close(fused[f"{name}.weight"], expected, atol=1e-6, rtol=0)

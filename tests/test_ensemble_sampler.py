@@ -59,8 +59,15 @@ def test_flow_sigmas_and_exact_euler_on_a_straight_flow():
 def flux():
     torch.manual_seed(0)
     model = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=6, pooled_projection_dim=6, guidance_embeds=False,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=6,
+        pooled_projection_dim=6,
+        guidance_embeds=False,
         axes_dims_rope=(2, 2, 4),
     ).eval()
     ids = torch.zeros(9, 3)
@@ -68,9 +75,15 @@ def flux():
     ids[:, 2] = torch.arange(9) % 3
 
     def model_fn(x, sigma, cond):
-        return model(hidden_states=x, encoder_hidden_states=cond["tokens"], pooled_projections=cond["pooled"],
-                     timestep=sigma, img_ids=ids, txt_ids=torch.zeros(cond["tokens"].shape[1], 3),
-                     return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=cond["tokens"],
+            pooled_projections=cond["pooled"],
+            timestep=sigma,
+            img_ids=ids,
+            txt_ids=torch.zeros(cond["tokens"].shape[1], 3),
+            return_dict=False,
+        )[0]
 
     return model, model_fn
 
@@ -91,15 +104,22 @@ def test_x0_of_every_mode_reproduces_the_base_model_exactly(flux):
     base = make_velocity_fn(model_fn, cond, uncond, 3.5)(x, sigma)
     for n_models in (1, 2):
         x0 = EnsembleLayout(space.size, n_models, cfg=True).initial(3.5)
-        v = make_velocity_fn(model_fn, cond, uncond, 3.5, search=SearchSpace.for_model(space, n_models, uses_cfg=True), transformer=model,
-                             vectors=x0)(x, sigma)
+        v = make_velocity_fn(
+            model_fn,
+            cond,
+            uncond,
+            3.5,
+            search=SearchSpace.for_model(space, n_models, uses_cfg=True),
+            transformer=model,
+            vectors=x0,
+        )(x, sigma)
         assert torch.equal(v, base), n_models
     # without CFG: plain model, and an ensemble of 2 identical members at weights 1/2
     plain = make_velocity_fn(model_fn, cond)(x, sigma)
     x0 = EnsembleLayout(space.size, 2, cfg=False).initial()
-    v = make_velocity_fn(model_fn, cond, search=SearchSpace.for_model(space, 2, uses_cfg=False), transformer=model, vectors=x0)(
-        x, sigma
-    )
+    v = make_velocity_fn(
+        model_fn, cond, search=SearchSpace.for_model(space, 2, uses_cfg=False), transformer=model, vectors=x0
+    )(x, sigma)
     # two members double the forward's batch, so the GEMM kernels differ: velocities (|v| ~ 1.6) agree up to
     # float rounding, not bitwise
     torch.testing.assert_close(v, plain, atol=2e-5, rtol=1e-5)
@@ -113,9 +133,15 @@ def test_cfg_ensemble_is_a_weighted_sum_of_separately_calibrated_passes(flux):
     sigma = torch.full((2,), 0.4)
     c_cond, c_uncond, w = torch.tensor([0.8, 1.3]), torch.tensor([1.1, 0.0]), torch.tensor([2.5, -1.2])
     vec = torch.cat([c_cond, c_uncond, w])
-    v = make_velocity_fn(model_fn, cond, uncond, 3.0, search=SearchSpace.for_model(space, 2, uses_cfg=True), transformer=model, vectors=vec)(
-        x, sigma
-    )
+    v = make_velocity_fn(
+        model_fn,
+        cond,
+        uncond,
+        3.0,
+        search=SearchSpace.for_model(space, 2, uses_cfg=True),
+        transformer=model,
+        vectors=vec,
+    )(x, sigma)
     with space.apply(model, c_cond):
         v_c = model_fn(x, sigma, cond)
     with space.apply(model, c_uncond):
@@ -130,14 +156,21 @@ def test_per_image_vectors_equal_each_image_alone(flux):
     cond, uncond = _conds(3)
     x = torch.randn(3, 9, 4, generator=torch.Generator().manual_seed(4))
     sigma = torch.full((3,), 0.9)
-    vecs = layout.initial(3.0).float() + 0.3 * torch.randn(3, layout.search_size, generator=torch.Generator().manual_seed(6))
-    v = make_velocity_fn(model_fn, cond, uncond, 3.0, search=SearchSpace(space, layout), transformer=model, vectors=vecs)(
-        x, sigma
+    vecs = layout.initial(3.0).float() + 0.3 * torch.randn(
+        3, layout.search_size, generator=torch.Generator().manual_seed(6)
     )
+    v = make_velocity_fn(
+        model_fn, cond, uncond, 3.0, search=SearchSpace(space, layout), transformer=model, vectors=vecs
+    )(x, sigma)
     for i in range(3):
         alone = make_velocity_fn(
-            model_fn, {k: t[i : i + 1] for k, t in cond.items()}, uncond, 3.0, search=SearchSpace(space, layout),
-            transformer=model, vectors=vecs[i],
+            model_fn,
+            {k: t[i : i + 1] for k, t in cond.items()},
+            uncond,
+            3.0,
+            search=SearchSpace(space, layout),
+            transformer=model,
+            vectors=vecs[i],
         )(x[i : i + 1], sigma[i : i + 1])
         torch.testing.assert_close(v[i : i + 1], alone, atol=2e-5, rtol=1e-5)
 

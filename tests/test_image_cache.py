@@ -36,8 +36,15 @@ def backbone():
     from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
     torch.manual_seed(0)
-    config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=1, num_single_blocks=1, num_heads=2,
-                            head_dim=16, text_max_length=8)
+    config = ToyModelConfig(
+        image_size=8,
+        patch_size=2,
+        num_double_blocks=1,
+        num_single_blocks=1,
+        num_heads=2,
+        head_dim=16,
+        text_max_length=8,
+    )
     transformer = build_toy_transformer(config, zero_init=False)
     with torch.no_grad():
         for p in transformer.parameters():
@@ -49,9 +56,12 @@ PROMPTS = [Prompt("a red cube #1"), Prompt("two green balls #2"), Prompt("a blue
 
 
 def _evaluator(backbone, cache, n_models=1, steps=2, guidance=2.5):
-    search = SearchSpace.for_model(CalibrationSpace.from_transformer(backbone.transformer, "block"), n_models, uses_cfg=True)
-    return LocalEvaluator(backbone, search, MeanPixel(), SamplingSettings(steps=steps, guidance=guidance), cache=cache,
-                          model="tiny")
+    search = SearchSpace.for_model(
+        CalibrationSpace.from_transformer(backbone.transformer, "block"), n_models, uses_cfg=True
+    )
+    return LocalEvaluator(
+        backbone, search, MeanPixel(), SamplingSettings(steps=steps, guidance=guidance), cache=cache, model="tiny"
+    )
 
 
 def test_a_second_call_reads_every_image_and_scores_it_the_same(backbone):
@@ -73,10 +83,20 @@ def test_keys_change_with_everything_that_determines_an_image(backbone):
     ev = _evaluator(backbone, None)
     ident = ev.identity
     base = image_key(ident, "a red cube", 1, 2, 2.5, "baseline")
-    assert len({base, image_key(ident, "a red cube", 2, 2, 2.5, "baseline"), image_key(ident, "a blue cube", 1, 2, 2.5, "baseline"),
-                image_key(ident, "a red cube", 1, 4, 2.5, "baseline"), image_key(ident, "a red cube", 1, 2, 3.0, "baseline"),
-                image_key(ident, "a red cube", 1, 2, 2.5, "v-1"), image_key(dict(ident, weights="other"), "a red cube", 1, 2, 2.5,
-                                                                              "baseline")}) == 7
+    assert (
+        len(
+            {
+                base,
+                image_key(ident, "a red cube", 2, 2, 2.5, "baseline"),
+                image_key(ident, "a blue cube", 1, 2, 2.5, "baseline"),
+                image_key(ident, "a red cube", 1, 4, 2.5, "baseline"),
+                image_key(ident, "a red cube", 1, 2, 3.0, "baseline"),
+                image_key(ident, "a red cube", 1, 2, 2.5, "v-1"),
+                image_key(dict(ident, weights="other"), "a red cube", 1, 2, 2.5, "baseline"),
+            }
+        )
+        == 7
+    )
     assert image_key(ident, "a red cube", 1, 2, 2.5, "baseline") == base  # stable
 
 
@@ -93,7 +113,9 @@ def test_vectors_that_are_the_unmodified_model_share_its_entries(backbone):
     assert unmodified_guidance(three, three.check(three.x0(2.5))[0], 2.5) is False
 
     cache = MemoryImageCache()
-    baseline_at_2 = LocalEvaluator(backbone, None, MeanPixel(), SamplingSettings(steps=2, guidance=2.0), cache=cache, model="tiny")
+    baseline_at_2 = LocalEvaluator(
+        backbone, None, MeanPixel(), SamplingSettings(steps=2, guidance=2.0), cache=cache, model="tiny"
+    )
     plain = baseline_at_2(None, PROMPTS, [4, 5, 6])
     ensemble = _evaluator(backbone, cache, n_models=2)(pair.x0(2.0)[None], PROMPTS, [4, 5, 6])
     assert ensemble.cached == 3 and ensemble.keys[0] == plain.keys[0]
@@ -134,7 +156,11 @@ def test_the_stored_cache_survives_the_process(tmp_path, backbone):
     vector = ev.search.check(torch.tensor([0.8, 1.0, 1.0]))
     first = ev(vector, PROMPTS, [1, 2, 3])
     rows = catalog.query("SELECT * FROM image_cache ORDER BY prompt_id")
-    assert rows.height == 3 and set(rows["vector_id"]) != {"baseline"} and rows["vector"][0].to_list() == pytest.approx([0.8, 1.0, 1.0])
+    assert (
+        rows.height == 3
+        and set(rows["vector_id"]) != {"baseline"}
+        and rows["vector"][0].to_list() == pytest.approx([0.8, 1.0, 1.0])
+    )
     assert all(store.exists(store.key_of(u)) for u in rows["uri"])
     assert all("/nfe2/g2.5/" in u for u in rows["uri"])  # people can find an image by setting and NFE
     again = _evaluator(backbone, StoredImageCache(store, catalog, "tiny"))  # a new process: the catalog knows

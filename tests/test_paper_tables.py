@@ -15,30 +15,47 @@ from calibri_pipeline.tables_cli import main, render_tables
 
 def _run(reward: str) -> pl.DataFrame:
     config = {"preset": {"default_steps": 30, "calibration_steps": 4}}
-    return pl.DataFrame({"run_id": f"toy-{reward}", "model": "toy", "reward": reward, "granularity": "block",
-                         "n_models": 1, "status": "finished", "config": json.dumps(config)})
+    return pl.DataFrame(
+        {
+            "run_id": f"toy-{reward}",
+            "model": "toy",
+            "reward": reward,
+            "granularity": "block",
+            "n_models": 1,
+            "status": "finished",
+            "config": json.dumps(config),
+        }
+    )
 
 
 def _evals(optimised: str, calibrated_score: float, calibrated_quality: float) -> pl.DataFrame:
     # baseline at 4 and 30 steps, calibrated at 4, a tuned alternative at 30: only baseline@30 and
     # calibrated@4 belong in Table 2
-    return pl.DataFrame({
-        "model": "toy",
-        "reward": ["world_score", "world_quality"] * 4,
-        "calibrated": [False, False, False, False, True, True, False, False],
-        "calibration": ["baseline"] * 4 + [f"toy-{optimised}"] * 2 + ["guidance-tuned"] * 2,
-        "setting": ["baseline"] * 4 + ["calibri"] * 2 + ["guidance-tuned"] * 2,
-        "nfe": [4, 4, 30, 30, 4, 4, 30, 30],
-        "mean": [0.40, 0.30, 0.60, 0.50, calibrated_score, calibrated_quality, 0.99, 0.99],
-        "n": 8,
-    })
+    return pl.DataFrame(
+        {
+            "model": "toy",
+            "reward": ["world_score", "world_quality"] * 4,
+            "calibrated": [False, False, False, False, True, True, False, False],
+            "calibration": ["baseline"] * 4 + [f"toy-{optimised}"] * 2 + ["guidance-tuned"] * 2,
+            "setting": ["baseline"] * 4 + ["calibri"] * 2 + ["guidance-tuned"] * 2,
+            "nfe": [4, 4, 30, 30, 4, 4, 30, 30],
+            "mean": [0.40, 0.30, 0.60, 0.50, calibrated_score, calibrated_quality, 0.99, 0.99],
+            "n": 8,
+        }
+    )
 
 
 def _diversity(optimised: str, value: float) -> pl.DataFrame:
-    return pl.DataFrame({"model": "toy", "calibrated": [False, False, True, True],
-                         "calibration": ["baseline", "baseline", f"toy-{optimised}", f"toy-{optimised}"],
-                         "nfe": [30, 30, 4, 4], "prompt_id": ["a", "b", "a", "b"],
-                         "diversity": [0.2, 0.4, value, value]})
+    return pl.DataFrame(
+        {
+            "model": "toy",
+            "calibrated": [False, False, True, True],
+            "calibration": ["baseline", "baseline", f"toy-{optimised}", f"toy-{optimised}"],
+            "nfe": [30, 30, 4, 4],
+            "prompt_id": ["a", "b", "a", "b"],
+            "diversity": [0.2, 0.4, value, value],
+        }
+    )
 
 
 @pytest.fixture
@@ -49,8 +66,11 @@ def catalog_path(tmp_path: Path) -> Path:
         catalog.replace("calibration_runs", _run(reward), {"run_id": f"toy-{reward}"})
         catalog.replace("evaluations", _evals(reward, score, quality), {"run_key": key})
         catalog.replace("diversity", _diversity(reward, div), {"run_key": key})
-    catalog.replace("calibration_runs", _run("world_alignment").with_columns(status=pl.lit("running")),
-                    {"run_id": "toy-world_alignment"})  # unfinished runs stay out
+    catalog.replace(
+        "calibration_runs",
+        _run("world_alignment").with_columns(status=pl.lit("running")),
+        {"run_id": "toy-world_alignment"},
+    )  # unfinished runs stay out
     return catalog.path
 
 
@@ -59,9 +79,18 @@ def test_tables_pick_baseline_at_default_and_calibrated_at_low_nfe(catalog_path:
     t2 = tables["table2"]
     assert t2.columns == ["model", "calibri", "optimised", "world_score", "world_quality", "nfe"]
     rows = {(r["optimised"], r["calibri"]): r for r in t2.to_dicts()}
-    assert set(rows) == {("world_score", "no"), ("world_score", "yes"), ("world_quality", "no"), ("world_quality", "yes")}
-    assert rows[("world_score", "no")]["world_score"] == pytest.approx(0.60) and rows[("world_score", "no")]["nfe"] == 30
-    assert rows[("world_score", "yes")]["world_score"] == pytest.approx(0.62) and rows[("world_score", "yes")]["nfe"] == 4
+    assert set(rows) == {
+        ("world_score", "no"),
+        ("world_score", "yes"),
+        ("world_quality", "no"),
+        ("world_quality", "yes"),
+    }
+    assert (
+        rows[("world_score", "no")]["world_score"] == pytest.approx(0.60) and rows[("world_score", "no")]["nfe"] == 30
+    )
+    assert (
+        rows[("world_score", "yes")]["world_score"] == pytest.approx(0.62) and rows[("world_score", "yes")]["nfe"] == 4
+    )
     assert rows[("world_quality", "yes")]["world_quality"] == pytest.approx(0.70)
 
     t6 = {(r["optimised"], r["calibri"]): r["diversity"] for r in tables["table6"].to_dicts()}
@@ -95,8 +124,19 @@ def test_headline_shows_calibri_beside_the_alternatives(catalog_path: Path) -> N
     from calibri_pipeline.tables_cli import headline_tables
 
     catalog = Catalog(catalog_path)
-    comps = pl.DataFrame({"model": "toy", "reward": "world_score", "nfe": 4, "setting": "calibri@4",
-                          "reference": "baseline@4", "delta": 0.22, "ci_low": 0.2, "ci_high": 0.24, "n": 8})
+    comps = pl.DataFrame(
+        {
+            "model": "toy",
+            "reward": "world_score",
+            "nfe": 4,
+            "setting": "calibri@4",
+            "reference": "baseline@4",
+            "delta": 0.22,
+            "ci_low": 0.2,
+            "ci_high": 0.24,
+            "n": 8,
+        }
+    )
     catalog.replace("comparisons", comps, {"run_key": "toy|world_score"})
     table = headline_tables(catalog)
     mine = table.filter(pl.col("reward") == "world_score")

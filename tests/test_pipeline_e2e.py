@@ -27,7 +27,11 @@ def demo_home(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return home, proc.stdout
@@ -79,7 +83,9 @@ def test_catalog_holds_every_stage(demo_home):
     assert cat.query("SELECT count(*) - count(DISTINCT image_key) FROM image_cache").item() == 0
     uris = cat.query("SELECT uri FROM images")["uri"].to_list()
     assert all(Path(u.removeprefix("file://")).is_file() for u in uris)
-    scores = cat.query("SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward")
+    scores = cat.query(
+        "SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward"
+    )
     assert set(scores["reward"]) == {"world_score", "world_alignment", "world_accuracy", "world_quality"}
     assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 3 * 12).all()
     assert cat.count("ablations") == n_blocks and cat.count("sweeps") == n_blocks * 2
@@ -135,8 +141,11 @@ def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkey
         assert demo_runs["build_paper_tables"].status == dg.DagsterRunStatus.SUCCESS
         checks = instance.all_logs(preset_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
         assert {e.dagster_event.event_specific_data.check_name for e in checks} == {
-            "baseline_scores_are_finite", "calibrated_beats_baseline", "calibrated_not_worse_than_guidance_tuning",
-            "diversity_not_collapsed"}
+            "baseline_scores_are_finite",
+            "calibrated_beats_baseline",
+            "calibrated_not_worse_than_guidance_tuning",
+            "diversity_not_collapsed",
+        }
         assert instance.get_dynamic_partitions("model") == ["toy"]
         assert instance.get_dynamic_partitions("reward") == ["world_score"]
         assert PARTITIONS.get_partition_keys(dynamic_partitions_store=instance) == ["toy|world_score"]
@@ -166,8 +175,10 @@ def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     before = state()
     assert all(n > 0 for n in before[0].values()), before[0]  # every table has rows to duplicate
     result = dg.materialize(
-        ALL_ASSETS, partition_key=dg.MultiPartitionKey({"model": "toy", "reward": "world_score"}),
-        instance=dg.DagsterInstance.get(), resources=default_resources(),
+        ALL_ASSETS,
+        partition_key=dg.MultiPartitionKey({"model": "toy", "reward": "world_score"}),
+        instance=dg.DagsterInstance.get(),
+        resources=default_resources(),
         run_config=_asset_config(ALL_ASSETS, **SIZES["tiny"], preset="embedded-default"),
     )
     assert result.success
@@ -176,13 +187,19 @@ def test_rematerializing_every_asset_adds_no_rows(demo_home, monkeypatch):
     assert after[1] == before[1]  # same objects: images, embeddings, CMA-ES state, checkpoint files
     # and no duplicates by natural key
     # (one image can serve two settings: a calibration that selected x0 shares the baseline's images)
-    for table, key in (("images", "image_id, calibration"), ("scores", "image_id, reward, calibration"),
-                       ("prompts", "prompt_set, prompt_id"),
-                       ("cmaes_candidates", "run_id, generation, candidate"), ("cmaes_generations", "run_id, generation"),
-                       ("evaluations", "run_key, reward, setting, nfe"), ("calibration_runs", "run_id"),
-                       ("comparisons", "run_key, reward, setting, reference"), ("tunings", "run_key, name"),
-                       ("image_cache", "image_key"),
-                       ("diversity", "run_key, calibration, nfe, prompt_id")):
+    for table, key in (
+        ("images", "image_id, calibration"),
+        ("scores", "image_id, reward, calibration"),
+        ("prompts", "prompt_set, prompt_id"),
+        ("cmaes_candidates", "run_id, generation, candidate"),
+        ("cmaes_generations", "run_id, generation"),
+        ("evaluations", "run_key, reward, setting, nfe"),
+        ("calibration_runs", "run_id"),
+        ("comparisons", "run_key, reward, setting, reference"),
+        ("tunings", "run_key, name"),
+        ("image_cache", "image_key"),
+        ("diversity", "run_key, calibration, nfe, prompt_id"),
+    ):
         dupes = cat.query(f"SELECT count(*) - count(DISTINCT ({key})) AS d FROM {table}").item()
         assert dupes == 0, (table, key)
     # the finished calibration was replayed from its stored state, not searched again

@@ -86,8 +86,15 @@ def backbone(encoder):
     from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
 
     torch.manual_seed(0)
-    config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=2, num_single_blocks=2, num_heads=2,
-                            head_dim=16, text_max_length=8)
+    config = ToyModelConfig(
+        image_size=8,
+        patch_size=2,
+        num_double_blocks=2,
+        num_single_blocks=2,
+        num_heads=2,
+        head_dim=16,
+        text_max_length=8,
+    )
     transformer = build_toy_transformer(config, zero_init=False)
     with torch.no_grad():  # random init is near-silent; make every branch matter
         for p in transformer.parameters():
@@ -124,7 +131,9 @@ def test_x0_reproduces_the_unmodified_model(backbone):
     assert base.shape == (1, 3)
     for n_models in (1, 2):  # guided single model (w = 1) and the CFG ensemble (g, 1 - g)
         x0 = EnsembleLayout(space.size, n_models, cfg=True).initial(2.5)
-        ours = evaluate_population(backbone, space, x0, prompts, seeds, ColourMatch(), steps=2, guidance=2.5, n_models=n_models)
+        ours = evaluate_population(
+            backbone, space, x0, prompts, seeds, ColourMatch(), steps=2, guidance=2.5, n_models=n_models
+        )
         torch.testing.assert_close(ours, base, atol=1e-5, rtol=0)
 
 
@@ -141,10 +150,22 @@ def test_multiple_rewards_chunking_and_memory_budget(backbone):
     budget = 5.5 * per_image
     assert max_batch_for_budget(budget, per_image) == 5
     batch_sizes = []
-    handle = backbone.transformer.register_forward_pre_hook(lambda m, a, kw: batch_sizes.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    handle = backbone.transformer.register_forward_pre_hook(
+        lambda m, a, kw: batch_sizes.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
     try:
-        budgeted = evaluate_population(backbone, space, vectors, prompts, seeds, rewards, steps=2, guidance=2.5,
-                                       memory_budget_mb=budget, chunk_images=7)
+        budgeted = evaluate_population(
+            backbone,
+            space,
+            vectors,
+            prompts,
+            seeds,
+            rewards,
+            steps=2,
+            guidance=2.5,
+            memory_budget_mb=budget,
+            chunk_images=7,
+        )
     finally:
         handle.remove()
     # 12 images in chunks of 7 + 5, forwards of <= 5 images (x2 passes for CFG)
@@ -180,15 +201,28 @@ def test_reward_objective_combines_rewards_with_signs(backbone):
         RewardObjective(evaluator([ColourMatch(), Contrast()]), train, val, val_seeds=[1, 2])
     with pytest.raises(ValueError, match="unknown rewards"):
         RewardObjective(evaluator([ColourMatch()]), train, val, reward_weights={"hps": 1.0}, val_seeds=[1, 2])
-    obj = RewardObjective(evaluator([ColourMatch(), Contrast()]), train, val,
-                          reward_weights={"colour_match": 1.0, "contrast": 0.5}, val_seeds=[1, 2])
+    obj = RewardObjective(
+        evaluator([ColourMatch(), Contrast()]),
+        train,
+        val,
+        reward_weights={"colour_match": 1.0, "contrast": 0.5},
+        val_seeds=[1, 2],
+    )
     vectors = random_vectors(space, 1, 3, 2.5).numpy().astype(np.float64)
     bucket = make_bucket(0, 0, 6, 4)
     scores = obj.train(vectors, bucket)
     expected = scores.components["colour_match"] - 0.5 * scores.components["contrast"]
     np.testing.assert_allclose(scores.fitness, expected, rtol=0, atol=1e-12)
-    direct = evaluate_population(backbone, space, vectors, [train[i] for i in bucket.item_indices], bucket.seeds,
-                                 ColourMatch(), steps=2, guidance=2.5)
+    direct = evaluate_population(
+        backbone,
+        space,
+        vectors,
+        [train[i] for i in bucket.item_indices],
+        bucket.seeds,
+        ColourMatch(),
+        steps=2,
+        guidance=2.5,
+    )
     np.testing.assert_allclose(scores.components["colour_match"], direct.double().mean(1).numpy(), atol=1e-6)
 
 
@@ -197,8 +231,19 @@ def test_calibrate_cfg_ensemble_end_to_end(backbone):
     train, val = make_prompts(12, "train"), make_prompts(4, "val", 200)
     seen = []
     cfg = SearchConfig(max_generations=4, bucket_size=4, popsize=6, val_every=2, seed=1)
-    result = calibrate(backbone, space, train, val, ColourMatch(), steps=2, guidance=2.5, n_models=2,
-                       config=cfg, on_generation=seen.append, max_batch=64)
+    result = calibrate(
+        backbone,
+        space,
+        train,
+        val,
+        ColourMatch(),
+        steps=2,
+        guidance=2.5,
+        n_models=2,
+        config=cfg,
+        on_generation=seen.append,
+        max_batch=64,
+    )
     layout = EnsembleLayout(space.size, 2, cfg=True)
     assert layout.search_size == space.search_size(2) == result.vector.size
     assert result.layout.mode == "cfg"

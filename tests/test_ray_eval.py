@@ -51,9 +51,12 @@ class ColourMatch:
     scale = (0.0, 1.0)
 
     def __call__(self, images, prompts):
-        targets = torch.stack([
-            torch.tensor(list(hashlib.sha1(p.text.encode()).digest()[:3]), dtype=torch.float32) / 255.0 for p in prompts
-        ])[:, :, None, None]
+        targets = torch.stack(
+            [
+                torch.tensor(list(hashlib.sha1(p.text.encode()).digest()[:3]), dtype=torch.float32) / 255.0
+                for p in prompts
+            ]
+        )[:, :, None, None]
         return 1.0 - (images - targets).abs().mean(dim=(1, 2, 3))
 
 
@@ -100,7 +103,8 @@ def remote(pool, backbone, space, vectors, prompts, seeds, reward, *, steps=None
 
     search = None if space is None else SearchSpace.for_model(space, n_models, uses_cfg=True)
     scores = pool.evaluator(backbone, search, reward, SamplingSettings(steps=steps, guidance=guidance))(
-        vectors, prompts, seeds).scores
+        vectors, prompts, seeds
+    ).scores
     out = {name: torch.from_numpy(v).to(torch.float32) for name, v in scores.items()}
     return out if isinstance(reward, (list, tuple)) else out[as_reward_list(reward)[0].name]
 
@@ -124,16 +128,28 @@ def checkpoint(tmp_path_factory) -> Path:
     from calibri_pipeline.backbones.toy import ToyModelConfig, build_toy_transformer
 
     torch.manual_seed(0)
-    config = ToyModelConfig(image_size=8, patch_size=2, num_double_blocks=2, num_single_blocks=2, num_heads=2,
-                            head_dim=16, text_max_length=8)
+    config = ToyModelConfig(
+        image_size=8,
+        patch_size=2,
+        num_double_blocks=2,
+        num_single_blocks=2,
+        num_heads=2,
+        head_dim=16,
+        text_max_length=8,
+    )
     transformer = build_toy_transformer(config, zero_init=False)
     with torch.no_grad():  # random init is near-silent; make every branch matter
         for p in transformer.parameters():
             p.mul_(3.0)
     path = tmp_path_factory.mktemp("tiny_toy")
-    (path / "config.json").write_text(json.dumps({
-        "model": config.to_dict(), "sampling": {"default_steps": 2, "default_guidance": GUIDANCE},
-    }))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model": config.to_dict(),
+                "sampling": {"default_steps": 2, "default_guidance": GUIDANCE},
+            }
+        )
+    )
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(path / "model.safetensors"))
     return path
 
@@ -240,11 +256,15 @@ def test_worker_killed_mid_chunk_is_replaced_and_its_chunk_recomputed(evaluator,
     stats_before = (evaluator.stats.retried_chunks, evaluator.stats.respawned_workers)
     killer = threading.Thread(target=kill_the_blocked_worker, daemon=True)
     killer.start()
-    scores = remote(evaluator, backbone, space, vectors, prompts, seeds, BlockFirstCaller(str(marker)),
-                    steps=2, guidance=GUIDANCE)
+    scores = remote(
+        evaluator, backbone, space, vectors, prompts, seeds, BlockFirstCaller(str(marker)), steps=2, guidance=GUIDANCE
+    )
     killer.join(timeout=5)
     assert killed and killed[0] in pids_before  # a worker really died in the middle of its chunk
-    assert (evaluator.stats.retried_chunks, evaluator.stats.respawned_workers) == (stats_before[0] + 1, stats_before[1] + 1)
+    assert (evaluator.stats.retried_chunks, evaluator.stats.respawned_workers) == (
+        stats_before[0] + 1,
+        stats_before[1] + 1,
+    )
     torch.testing.assert_close(scores, reference, atol=SCORE_ATOL, rtol=0)
     pids_after = evaluator.worker_pids()
     assert len(pids_after) == 2 and killed[0] not in pids_after
@@ -280,8 +300,17 @@ def test_errors_inside_a_worker_propagate_without_retries(evaluator, backbone):
     space = CalibrationSpace.from_transformer(backbone.transformer, "block")
     retried = evaluator.stats.retried_chunks
     with pytest.raises(RewardError, match="nan_reward.*non-finite"):
-        remote(evaluator, backbone, space, random_vectors(space, 1, 2), make_prompts(2, "train"), [1, 2],
-               NanReward(), steps=2, guidance=GUIDANCE)
+        remote(
+            evaluator,
+            backbone,
+            space,
+            random_vectors(space, 1, 2),
+            make_prompts(2, "train"),
+            [1, 2],
+            NanReward(),
+            steps=2,
+            guidance=GUIDANCE,
+        )
     assert evaluator.stats.retried_chunks == retried
     # bad arguments are refused on the caller's side, before anything is sent
     with pytest.raises(ValueError, match=r"shape \[P, 5\]"):
@@ -294,8 +323,16 @@ def test_a_replica_of_another_model_is_refused(cluster, backbone, evaluator):
     other = CalibrationSpace.from_transformer(backbone.transformer, "layer")
     renamed = CalibrationSpace(other.branches[:-1], "layer", other.model_class)  # a model with one branch less
     with pytest.raises(ValueError, match="different layer calibration space"):
-        remote(evaluator, backbone, renamed, torch.ones(1, renamed.search_size(1)), make_prompts(1, "t"), [0],
-               ColourMatch(), steps=1)
+        remote(
+            evaluator,
+            backbone,
+            renamed,
+            torch.ones(1, renamed.search_size(1)),
+            make_prompts(1, "t"),
+            [0],
+            ColourMatch(),
+            steps=1,
+        )
 
 
 def test_capacity_and_argument_checks(cluster, factory):
@@ -322,7 +359,9 @@ def test_ray_resource_in_process_and_local(cluster, factory, backbone):
         assert isinstance(ev, RayWorkerPool) and len(ev.workers) == 1
         prompts = make_prompts(2, "val", 7)
         local = evaluate_population(backbone, None, None, prompts, [5, 6], ColourMatch(), steps=1)
-        torch.testing.assert_close(remote(ev, backbone, None, None, prompts, [5, 6], ColourMatch(), steps=1), local, atol=SCORE_ATOL, rtol=0)
+        torch.testing.assert_close(
+            remote(ev, backbone, None, None, prompts, [5, 6], ColourMatch(), steps=1), local, atol=SCORE_ATOL, rtol=0
+        )
     import ray
 
     assert ray.is_initialized()  # it did not start the cluster, so it does not stop it

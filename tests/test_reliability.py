@@ -56,7 +56,9 @@ RUNNER = textwrap.dedent(
 )
 
 
-def test_two_processes_materializing_different_partitions_lose_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_processes_materializing_different_partitions_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import dagster as dg
 
     from calibri_pipeline.demo import SIZES
@@ -78,8 +80,13 @@ def test_two_processes_materializing_different_partitions_lose_nothing(tmp_path:
     go = tmp_path / "go"
     rewards = ("world_score", "world_quality")
     runners = [
-        subprocess.Popen([sys.executable, str(script), str(catalog.path), str(tmp_path / "objects"), reward, str(go),
-                          str(REPEATS)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, str(script), str(catalog.path), str(tmp_path / "objects"), reward, str(go), str(REPEATS)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for reward in rewards
     ]
     tiny = SIZES["tiny"]
@@ -133,8 +140,15 @@ def test_replacing_the_same_partition_from_two_processes_keeps_one_copy(tmp_path
     )
     go = tmp_path / "go"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", writer, str(catalog.path), tag, str(go), "20"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for tag in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", writer, str(catalog.path), tag, str(go), "20"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for tag in ("a", "b")
+    ]
     time.sleep(1.0)
     go.touch()
     seen = 0

@@ -69,8 +69,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _start(script: Path, store: Path, out: Path, sleep_s: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, str(script), str(store), str(out), str(sleep_s)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(store), str(out), str(sleep_s)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _generations_done(store: Path) -> int:

@@ -32,7 +32,8 @@ def test_curvatures_fit_the_sweep_near_alpha_one():
     assert k == pytest.approx({"blocks.0": 0.4, "blocks.1": 0.05, "blocks.2": 1.0})
     # bypassing a block (alpha 0) is another regime: only the alphas within 0.5 of 1 count
     sweep = _sweep({"blocks.0": 0.4}).with_columns(
-        pl.when(pl.col("alpha") == 0.0).then(-0.9).otherwise(pl.col("delta")).alias("delta"))
+        pl.when(pl.col("alpha") == 0.0).then(-0.9).otherwise(pl.col("delta")).alias("delta")
+    )
     assert sweep_curvatures(sweep)["blocks.0"] == pytest.approx(0.4)
     # a block that gains away from 1 gets the flattest curvature seen, never a negative one
     rising = _sweep({"blocks.0": 0.4, "blocks.1": -0.1})
@@ -61,8 +62,14 @@ def test_initial_stds_share_the_target_drop_between_coordinates():
     assert paper[6:] == pytest.approx([0.25 * 3.5, 0.25 * 2.5])
     single = initial_stds(SearchSpace.for_model(space, 1, uses_cfg=True), None, default_std=0.1)
     assert single == pytest.approx([0.1, 0.1, 0.1, 0.05])  # no sweep: the default; the one weight is a scale
-    gate = CalibrationSpace([Branch("blocks.0", "attn", "image", "blocks.0.attn.to_out.0"),
-                             Branch("blocks.0", "attn", "text", "blocks.0.attn.to_add_out")], "gate", "Toy")
+    gate = CalibrationSpace(
+        [
+            Branch("blocks.0", "attn", "image", "blocks.0.attn.to_out.0"),
+            Branch("blocks.0", "attn", "text", "blocks.0.attn.to_add_out"),
+        ],
+        "gate",
+        "Toy",
+    )
     inherited = initial_stds(SearchSpace.for_model(gate, 1, uses_cfg=False), {"blocks.0": 0.4}, target_drop=0.04)
     assert inherited[:2] == pytest.approx([math.sqrt(0.04 / (2 * 0.4))] * 2)  # finer coefficients inherit their block's
 
@@ -74,7 +81,9 @@ def test_guidance_coordinates_round_trip_and_bounds():
     z = coords.encode(x)
     assert z[-2:] == pytest.approx([3.5, 1.0])
     assert coords.decode([1, 1, 1, 1, 2.0, 1.0]) == pytest.approx([1, 1, 1, 1, 2.0, -1.0])  # guidance 2 at scale 1
-    assert coords.decode(coords.encode([0.9, 1.1, 1.0, 0.8, 3.0, -1.5])) == pytest.approx([0.9, 1.1, 1.0, 0.8, 3.0, -1.5])
+    assert coords.decode(coords.encode([0.9, 1.1, 1.0, 0.8, 3.0, -1.5])) == pytest.approx(
+        [0.9, 1.1, 1.0, 0.8, 3.0, -1.5]
+    )
     lower, upper = coords.bounds(*layout.bounds())
     assert lower[-2:] == [0.0, 0.25] and upper[-2:] == [10.0, 4.0] and lower[:4] == [-1.0] * 4
     assert coords.names(["a", "b"])[-2:] == ["guidance", "scale"]
@@ -103,14 +112,30 @@ def test_slg_through_the_sampler_equals_its_definition():
     from calibri_pipeline.method.sampler import make_velocity_fn
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                   num_attention_heads=2, joint_attention_dim=6, pooled_projection_dim=6,
-                                   guidance_embeds=False, axes_dims_rope=(2, 2, 4)).eval()
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=6,
+        pooled_projection_dim=6,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
     ids = torch.zeros(9, 3)
 
     def model_fn(x, sigma, cond):
-        return model(hidden_states=x, encoder_hidden_states=cond["tokens"], pooled_projections=cond["pooled"],
-                     timestep=sigma, img_ids=ids, txt_ids=torch.zeros(3, 3), return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=cond["tokens"],
+            pooled_projections=cond["pooled"],
+            timestep=sigma,
+            img_ids=ids,
+            txt_ids=torch.zeros(3, 3),
+            return_dict=False,
+        )[0]
 
     space = CalibrationSpace.from_transformer(model, "block")
     g = torch.Generator().manual_seed(1)
@@ -141,17 +166,28 @@ def test_a_preset_becomes_the_core_arguments():
     preset = get_preset("embedded-default")
     cfg = search_config(preset, seed=3)
     assert (cfg.sigma0, cfg.max_generations, cfg.probe_buckets, cfg.confirm_top, cfg.seed) == (
-        1.0, preset.generations, preset.probe_buckets, preset.confirm_top, 3)
+        1.0,
+        preset.generations,
+        preset.probe_buckets,
+        preset.confirm_top,
+        3,
+    )
     sweep = _sweep({"blocks.0": 0.4, "blocks.1": 0.05, "blocks.2": 1.0})
     args = calibration_arguments(preset, Toy(), space, sweep=sweep)
     assert args["guidance_coordinates"] and args["warm_start"] is None and args["guidance"] == 3.5
     assert len(args["initial_stds"]) == SearchSpace.for_model(space, preset.n_models, uses_cfg=True).dimension
-    started = calibration_arguments(preset.with_overrides(start="guidance-tuned"), Toy(), space, sweep=sweep,
-                                    tuned_guidance=2.0)
+    started = calibration_arguments(
+        preset.with_overrides(start="guidance-tuned"), Toy(), space, sweep=sweep, tuned_guidance=2.0
+    )
     np.testing.assert_allclose(started["warm_start"][-2:], [2.0, -1.0])  # the CFG pair at the tuned guidance
     assert started["initial_stds"][-2] == pytest.approx(0.25 * 2.0)
-    one = calibration_arguments(preset.with_overrides(n_models=1, weights="paper", start="guidance-tuned"), Toy(), space,
-                                sweep=sweep, tuned_guidance=2.0)
+    one = calibration_arguments(
+        preset.with_overrides(n_models=1, weights="paper", start="guidance-tuned"),
+        Toy(),
+        space,
+        sweep=sweep,
+        tuned_guidance=2.0,
+    )
     assert one["guidance"] == 2.0 and one["warm_start"] is None  # one guided model: sampled at the tuned guidance
     with pytest.raises(ValueError, match="needs the CFG ensemble"):
         calibration_arguments(preset.with_overrides(n_models=1), Toy(), space, sweep=sweep)
@@ -163,32 +199,78 @@ def test_a_preset_becomes_the_core_arguments():
         preset.with_overrides(scaling="magic")
 
     search = SearchSpace.for_model(space, 2, uses_cfg=True)
-    tunings = {"guidance-tuned": {"guidance": 2.0}, "slg-tuned": {"vector": slg_vector(space, [0], 3.5, 1.0).tolist(), "guidance": 3.5}}
-    settings, references = comparison_settings(preset, calibri=(search, search.x0(3.5).tolist(), 3.5),
-                                               tunings=tunings, slg_space=space)
+    tunings = {
+        "guidance-tuned": {"guidance": 2.0},
+        "slg-tuned": {"vector": slg_vector(space, [0], 3.5, 1.0).tolist(), "guidance": 3.5},
+    }
+    settings, references = comparison_settings(
+        preset, calibri=(search, search.x0(3.5).tolist(), 3.5), tunings=tunings, slg_space=space
+    )
     low = preset.calibration_steps
-    assert references == {"baseline": f"baseline@{low}", "twice the NFE": f"baseline@{2 * low}",
-                          "guidance-tuned": f"guidance-tuned@{low}"}
-    assert {f"baseline@{low}", f"baseline@{2 * low}", f"baseline@{preset.default_steps}", f"calibri@{low}",
-            f"slg-tuned@{low}"} <= set(settings)
+    assert references == {
+        "baseline": f"baseline@{low}",
+        "twice the NFE": f"baseline@{2 * low}",
+        "guidance-tuned": f"guidance-tuned@{low}",
+    }
+    assert {
+        f"baseline@{low}",
+        f"baseline@{2 * low}",
+        f"baseline@{preset.default_steps}",
+        f"calibri@{low}",
+        f"slg-tuned@{low}",
+    } <= set(settings)
     assert settings[f"guidance-tuned@{low}"].guidance == 2.0 and settings[f"slg-tuned@{low}"].search.n_models == 3
 
 
 def test_headline_table_reads_the_catalog_rows():
     from calibri_pipeline.report import headline_table
 
-    evals = pl.DataFrame([
-        {"setting": s, "nfe": n, "reward": "world_score", "guidance": g, "mean": m, "ci_low": m - 0.01, "ci_high": m + 0.01}
-        for s, n, g, m in [("baseline", 4, 3.5, 0.70), ("baseline", 8, 3.5, 0.78), ("baseline", 30, 3.5, 0.83),
-                           ("guidance-tuned", 4, 2.0, 0.75), ("calibri", 4, 3.5, 0.77)]
-    ])
-    comps = pl.DataFrame([
-        {"setting": "calibri@4", "reference": "baseline@4", "reward": "world_score", "delta": 0.07, "ci_low": 0.05, "ci_high": 0.09},
-        {"setting": "calibri@4", "reference": "guidance-tuned@4", "reward": "world_score", "delta": 0.02, "ci_low": -0.01, "ci_high": 0.04},
-    ])
+    evals = pl.DataFrame(
+        [
+            {
+                "setting": s,
+                "nfe": n,
+                "reward": "world_score",
+                "guidance": g,
+                "mean": m,
+                "ci_low": m - 0.01,
+                "ci_high": m + 0.01,
+            }
+            for s, n, g, m in [
+                ("baseline", 4, 3.5, 0.70),
+                ("baseline", 8, 3.5, 0.78),
+                ("baseline", 30, 3.5, 0.83),
+                ("guidance-tuned", 4, 2.0, 0.75),
+                ("calibri", 4, 3.5, 0.77),
+            ]
+        ]
+    )
+    comps = pl.DataFrame(
+        [
+            {
+                "setting": "calibri@4",
+                "reference": "baseline@4",
+                "reward": "world_score",
+                "delta": 0.07,
+                "ci_low": 0.05,
+                "ci_high": 0.09,
+            },
+            {
+                "setting": "calibri@4",
+                "reference": "guidance-tuned@4",
+                "reward": "world_score",
+                "delta": 0.02,
+                "ci_low": -0.01,
+                "ci_high": 0.04,
+            },
+        ]
+    )
     table = headline_table(evals, comps, "world_score", 4, 30)
     assert table["setting"].to_list() == ["baseline@4", "baseline@8", "baseline@30", "guidance-tuned@4", "calibri@4"]
     row = table.filter(pl.col("setting") == "calibri@4").row(0, named=True)
     assert row["world_score"] == "0.770 [0.760, 0.780]"
-    assert row["vs baseline (same NFE)"] == "+0.070 [+0.050, +0.090]" and row["vs guidance-tuned"] == "+0.020 [-0.010, +0.040]"
+    assert (
+        row["vs baseline (same NFE)"] == "+0.070 [+0.050, +0.090]"
+        and row["vs guidance-tuned"] == "+0.020 [-0.010, +0.040]"
+    )
     assert table.filter(pl.col("setting") == "baseline@4")["vs baseline (same NFE)"].item() == "-"

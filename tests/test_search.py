@@ -111,7 +111,12 @@ def test_candidates_respect_per_coordinate_bounds():
     lower = [-1.0] * 4 + [-10.0] * 2
     upper = [2.0] * 4 + [10.0] * 2
     obj = QuadraticObjective([5.0] * 4 + [20.0, -20.0], noise=0.0)
-    res = run_search(obj, [1.0] * d, SearchConfig(max_generations=25, bucket_size=4, patience=None, sigma0=1.0), bounds=(lower, upper))
+    res = run_search(
+        obj,
+        [1.0] * d,
+        SearchConfig(max_generations=25, bucket_size=4, patience=None, sigma0=1.0),
+        bounds=(lower, upper),
+    )
     all_x = np.concatenate([calls[0] for calls in obj.train_calls])
     assert np.all(all_x >= np.array(lower)) and np.all(all_x <= np.array(upper))
     assert all_x[:, :4].max() > 1.95  # it did reach the upper coefficient bound
@@ -179,7 +184,9 @@ def test_baseline_is_returned_when_nothing_beats_it():
 
 def test_validate_best_train_candidate_option():
     obj = QuadraticObjective([0.5] * 3, noise=0.0)
-    res = run_search(obj, [1.0] * 3, SearchConfig(max_generations=4, bucket_size=4, val_every=1, validate="best", patience=None))
+    res = run_search(
+        obj, [1.0] * 3, SearchConfig(max_generations=4, bucket_size=4, val_every=1, validate="best", patience=None)
+    )
     for v in res.validations[1:]:
         g = v["generation"]
         fits = [c["fitness"] for c in res.candidates if c["generation"] == g]
@@ -207,12 +214,18 @@ def test_stops_when_validation_stops_improving():
 def test_stops_on_sigma_plateau():
     obj = QuadraticObjective([0.5] * 3)
     # a huge tolerance makes every window a plateau: stop as soon as the window is full
-    res = run_search(obj, [1.0] * 3, SearchConfig(max_generations=100, bucket_size=4, patience=None,
-                                                    sigma_plateau_window=4, sigma_plateau_tol=1e9))
+    res = run_search(
+        obj,
+        [1.0] * 3,
+        SearchConfig(max_generations=100, bucket_size=4, patience=None, sigma_plateau_window=4, sigma_plateau_tol=1e9),
+    )
     assert res.stop_reason == "sigma_plateau" and res.n_generations == 5
     # a zero tolerance never triggers
-    res = run_search(obj, [1.0] * 3, SearchConfig(max_generations=12, bucket_size=4, patience=None,
-                                                    sigma_plateau_window=4, sigma_plateau_tol=0.0))
+    res = run_search(
+        obj,
+        [1.0] * 3,
+        SearchConfig(max_generations=12, bucket_size=4, patience=None, sigma_plateau_window=4, sigma_plateau_tol=0.0),
+    )
     assert res.stop_reason == "max_generations"
     # the final generation is validated whatever stopped the run
     assert res.validations[-1]["generation"] == 11
@@ -255,7 +268,9 @@ def test_same_seed_same_result_and_global_numpy_rng_is_isolated():
     state = np.random.get_state()
     run_search(QuadraticObjective([0.4] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4))
     assert np.array_equal(np.random.get_state()[1], state[1])  # and the search leaves the caller's RNG alone
-    c = run_search(QuadraticObjective([0.4] * 4), [1.0] * 4, SearchConfig(max_generations=8, bucket_size=4, seed=6, patience=None))
+    c = run_search(
+        QuadraticObjective([0.4] * 4), [1.0] * 4, SearchConfig(max_generations=8, bucket_size=4, seed=6, patience=None)
+    )
     assert [x["vector"] for x in a.candidates[4:]] != [x["vector"] for x in c.candidates[4:]]
 
 
@@ -275,11 +290,24 @@ def test_resuming_with_different_settings_is_refused():
     store = MemoryStateStore()
     run_search(QuadraticObjective([0.4] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4), store=store)
     with pytest.raises(ValueError, match="different settings.*config.sigma0"):
-        run_search(QuadraticObjective([0.4] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4, sigma0=0.3), store=store)
+        run_search(
+            QuadraticObjective([0.4] * 4),
+            [1.0] * 4,
+            SearchConfig(max_generations=2, bucket_size=4, sigma0=0.3),
+            store=store,
+        )
     with pytest.raises(ValueError, match="objective.target"):
-        run_search(QuadraticObjective([0.5] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4), store=store)
+        run_search(
+            QuadraticObjective([0.5] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4), store=store
+        )
     # resume=False starts over and overwrites
-    res = run_search(QuadraticObjective([0.5] * 4), [1.0] * 4, SearchConfig(max_generations=2, bucket_size=4), store=store, resume=False)
+    res = run_search(
+        QuadraticObjective([0.5] * 4),
+        [1.0] * 4,
+        SearchConfig(max_generations=2, bucket_size=4),
+        store=store,
+        resume=False,
+    )
     assert res.replayed_generations == 0
 
 

@@ -40,8 +40,12 @@ class NoisyLinear:
     def _cells(self, vectors, cells):
         vectors = np.asarray(vectors, dtype=np.float64)
         shared = np.array([np.random.default_rng([7, i, s]).normal() for i, s in cells])
-        noise = np.stack([[np.random.default_rng([11, i, s, int(1e6 * v.sum()) % 2**31]).normal() * self.sigma
-                           for i, s in cells] for v in vectors])
+        noise = np.stack(
+            [
+                [np.random.default_rng([11, i, s, int(1e6 * v.sum()) % 2**31]).normal() * self.sigma for i, s in cells]
+                for v in vectors
+            ]
+        )
         values = vectors @ self.w
         return values[:, None] + shared[None] + noise
 
@@ -86,7 +90,9 @@ def test_initial_stds_set_each_coordinates_first_step():
 
 def test_separable_cma_keeps_a_diagonal_covariance():
     obj = NoisyLinear([1.0, -1.0, 0.5, 0.0])
-    run = CalibrationRun(obj, [1.0] * 4, [-5.0] * 4, [5.0] * 4, SearchConfig(max_generations=4, bucket_size=4, separable=True))
+    run = CalibrationRun(
+        obj, [1.0] * 4, [-5.0] * 4, [5.0] * 4, SearchConfig(max_generations=4, bucket_size=4, separable=True)
+    )
     assert run._cma_options()["CMA_diagonal"] is True
     res = run.run()
     assert res.n_generations == 4
@@ -98,8 +104,9 @@ def test_search_coordinates_are_decoded_for_the_objective_and_the_result():
     def decode(z):  # the second coordinate searched on a log scale
         return np.array([z[0], math.exp(z[1])])
 
-    res = CalibrationRun(obj, [1.0, 0.0], [-5.0, -2.0], [5.0, 2.0], SearchConfig(max_generations=3, bucket_size=4),
-                         decode=decode).run()
+    res = CalibrationRun(
+        obj, [1.0, 0.0], [-5.0, -2.0], [5.0, 2.0], SearchConfig(max_generations=3, bucket_size=4), decode=decode
+    ).run()
     np.testing.assert_allclose(obj.train_vectors[0][0], [1.0, 1.0])  # x0 = (1, log 1) decoded
     assert res.validations[0]["vector"] == [1.0, 1.0]
     assert np.all(obj.train_vectors[1][:, 1] > 0)  # every candidate the objective saw is decoded

@@ -29,8 +29,15 @@ ATOL = 2e-5
 def tiny_flux():
     torch.manual_seed(0)
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=12, guidance_embeds=False,
+        patch_size=1,
+        in_channels=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
         axes_dims_rope=(2, 2, 4),
     ).eval()
 
@@ -55,9 +62,19 @@ def flux_inputs(batch, seed=1):
 def tiny_sd3():
     torch.manual_seed(0)
     return diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
-        pos_embed_max_size=8, dual_attention_layers=(0, 1), qk_norm="rms_norm",
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0, 1),
+        qk_norm="rms_norm",
     ).eval()
 
 
@@ -75,8 +92,15 @@ def sd3_inputs(batch, seed=1):
 def tiny_qwen():
     torch.manual_seed(0)
     return diffusers.QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(2, 2, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
     ).eval()
 
 
@@ -228,7 +252,11 @@ def test_zero_gate_equals_handwritten_flux_block(branch):
     space = CalibrationSpace.from_transformer(model, "gate")
     j = space.names.index(f"transformer_blocks.0.{branch}")
     g = torch.Generator().manual_seed(3)
-    h, e, temb = torch.randn(2, 16, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g)
+    h, e, temb = (
+        torch.randn(2, 16, 16, generator=g),
+        torch.randn(2, 5, 16, generator=g),
+        torch.randn(2, 16, generator=g),
+    )
     ids = torch.zeros(21, 3)
     rope = model.pos_embed(ids)
     c = torch.ones(space.size)
@@ -288,22 +316,47 @@ def _meta(cls, **config):
 
 def test_counts_on_real_configs():
     flux = _meta(
-        diffusers.FluxTransformer2DModel, patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-        guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+        diffusers.FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
     )
     assert [CalibrationSpace.from_transformer(flux, g).size for g in GRANS] == [57, 76, 114]
     sd35m = _meta(
-        diffusers.SD3Transformer2DModel, sample_size=128, patch_size=2, in_channels=16, num_layers=24,
-        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+        diffusers.SD3Transformer2DModel,
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
     )
     gate = CalibrationSpace.from_transformer(sd35m, "gate")
     assert gate.size == 107 and gate.search_size(2) == 216
     qwen = _meta(
-        diffusers.QwenImageTransformer2DModel, patch_size=2, in_channels=64, out_channels=16, num_layers=60,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+        diffusers.QwenImageTransformer2DModel,
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=60,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=3584,
+        guidance_embeds=False,
         axes_dims_rope=(16, 56, 56),
     )
     gate = CalibrationSpace.from_transformer(qwen, "gate")
@@ -313,23 +366,34 @@ def test_counts_on_real_configs():
 def test_names_follow_forward_order():
     space = CalibrationSpace.from_transformer(tiny_flux(), "gate")
     assert space.names == [
-        "transformer_blocks.0.attn.image", "transformer_blocks.0.attn.text",
-        "transformer_blocks.0.mlp.image", "transformer_blocks.0.mlp.text",
-        "transformer_blocks.1.attn.image", "transformer_blocks.1.attn.text",
-        "transformer_blocks.1.mlp.image", "transformer_blocks.1.mlp.text",
-        "single_transformer_blocks.0.attn_mlp.joint", "single_transformer_blocks.1.attn_mlp.joint",
+        "transformer_blocks.0.attn.image",
+        "transformer_blocks.0.attn.text",
+        "transformer_blocks.0.mlp.image",
+        "transformer_blocks.0.mlp.text",
+        "transformer_blocks.1.attn.image",
+        "transformer_blocks.1.attn.text",
+        "transformer_blocks.1.mlp.image",
+        "transformer_blocks.1.mlp.text",
+        "single_transformer_blocks.0.attn_mlp.joint",
+        "single_transformer_blocks.1.attn_mlp.joint",
     ]
     sd3 = CalibrationSpace.from_transformer(tiny_sd3(), "gate")
     # dual-attention blocks have a third image gate; the context_pre_only last block has no text gates
     assert [n for n in sd3.names if n.startswith("transformer_blocks.0.")] == [
-        "transformer_blocks.0.attn.image", "transformer_blocks.0.attn.text", "transformer_blocks.0.attn2.image",
-        "transformer_blocks.0.mlp.image", "transformer_blocks.0.mlp.text",
+        "transformer_blocks.0.attn.image",
+        "transformer_blocks.0.attn.text",
+        "transformer_blocks.0.attn2.image",
+        "transformer_blocks.0.mlp.image",
+        "transformer_blocks.0.mlp.text",
     ]
     assert [n for n in sd3.names if n.startswith("transformer_blocks.2.")] == [
-        "transformer_blocks.2.attn.image", "transformer_blocks.2.mlp.image",
+        "transformer_blocks.2.attn.image",
+        "transformer_blocks.2.mlp.image",
     ]
     assert CalibrationSpace.from_transformer(tiny_sd3(), "layer").names[:3] == [
-        "transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.mlp",
+        "transformer_blocks.0.attn",
+        "transformer_blocks.0.attn2",
+        "transformer_blocks.0.mlp",
     ]
 
 
@@ -347,14 +411,26 @@ def test_generic_fallback_on_an_unlisted_dit():
     """PixArt (BasicTransformerBlock with an ungated cross-attention) works through structure alone."""
     torch.manual_seed(0)
     model = diffusers.PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        cross_attention_dim=16, sample_size=8, patch_size=2, norm_type="ada_norm_single",
-        caption_channels=12, use_additional_conditions=False,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        caption_channels=12,
+        use_additional_conditions=False,
     ).eval()
     space = CalibrationSpace.from_transformer(model, "layer")
     assert space.names == [
-        "transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.mlp",
-        "transformer_blocks.1.attn", "transformer_blocks.1.attn2", "transformer_blocks.1.mlp",
+        "transformer_blocks.0.attn",
+        "transformer_blocks.0.attn2",
+        "transformer_blocks.0.mlp",
+        "transformer_blocks.1.attn",
+        "transformer_blocks.1.attn2",
+        "transformer_blocks.1.mlp",
     ]
     g = torch.Generator().manual_seed(0)
     inputs = dict(
@@ -375,9 +451,16 @@ def test_generic_fallback_on_an_unlisted_dit():
 
 def test_unet_gets_a_clear_error():
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     with pytest.raises(CalibrationError, match="nothing to calibrate in UNet2DConditionModel.*to_out"):
         CalibrationSpace.from_transformer(unet, "block")

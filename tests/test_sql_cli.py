@@ -36,7 +36,9 @@ def filled(tmp_path: Path) -> Path:
     )
     catalog.replace(
         "cmaes_candidates",
-        pl.DataFrame({"generation": [0, 0], "candidate": [0, 1], "fitness": [0.5, None], "vector": [[1.0, 0.25], [0.5, 2.0]]}),
+        pl.DataFrame(
+            {"generation": [0, 0], "candidate": [0, 1], "fitness": [0.5, None], "vector": [[1.0, 0.25], [0.5, 2.0]]}
+        ),
         {"run_id": "toy-world-block"},
     )
     return catalog.path
@@ -66,7 +68,9 @@ def test_table_shows_nulls_and_lists(filled: Path) -> None:
 
 
 def test_csv_output_parses_back(filled: Path) -> None:
-    out = run_sql(filled, "SELECT nfe, calibrated, mean, [nfe, 1] AS pair FROM evaluations ORDER BY nfe, calibrated", "csv")
+    out = run_sql(
+        filled, "SELECT nfe, calibrated, mean, [nfe, 1] AS pair FROM evaluations ORDER BY nfe, calibrated", "csv"
+    )
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["nfe", "calibrated", "mean", "pair"]
     assert rows[1] == ["4", "false", "0.61", "[4, 1]"]
@@ -107,7 +111,11 @@ def test_write_statements_are_refused(filled: Path, statement: str, capsys: pyte
     assert err.startswith("calibri sql: error: ") and ("read-only" in err or "exactly one" in err)
     assert filled.stat().st_mtime_ns == before
     assert run_sql(filled, "SELECT count(*) AS n FROM evaluations", "csv") == "n\n4\n"
-    assert sorted(p.name for p in filled.parent.iterdir()) == ["catalog.duckdb", "catalog.duckdb.lock", "catalog.duckdb.lock-queue"]
+    assert sorted(p.name for p in filled.parent.iterdir()) == [
+        "catalog.duckdb",
+        "catalog.duckdb.lock",
+        "catalog.duckdb.lock-queue",
+    ]
 
 
 def test_missing_catalog_is_an_error_not_a_new_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,7 +141,14 @@ def test_command_line_uses_calibri_home_by_default(filled: Path, tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k not in ("CALIBRI_CATALOG",)}
     env["CALIBRI_HOME"] = str(filled.parent)
     result = subprocess.run(
-        [sys.executable, "-m", "calibri_pipeline.sql_cli", "SELECT nfe, count(*) AS n FROM evaluations GROUP BY nfe ORDER BY nfe", "--format", "csv"],
+        [
+            sys.executable,
+            "-m",
+            "calibri_pipeline.sql_cli",
+            "SELECT nfe, count(*) AS n FROM evaluations GROUP BY nfe ORDER BY nfe",
+            "--format",
+            "csv",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -144,6 +159,11 @@ def test_command_line_uses_calibri_home_by_default(filled: Path, tmp_path: Path)
     assert result.stdout == "nfe,n\n4,2\n30,2\n"
     env["CALIBRI_CATALOG"] = str(tmp_path / "other.duckdb")  # the explicit variable wins
     result = subprocess.run(
-        [sys.executable, "-m", "calibri_pipeline.sql_cli", "SELECT 1"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+        [sys.executable, "-m", "calibri_pipeline.sql_cli", "SELECT 1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert result.returncode == 1 and "no catalog at" in result.stderr and "other.duckdb" in result.stderr

@@ -36,7 +36,7 @@ def test_a_search_space_with_segments(backbone):
     assert unmodified_guidance(search, first_only, 2.5) is False
     coords = GuidanceCoordinates(search.layout, search.n_segments)
     z = coords.encode(search.x0(3.0).tolist())
-    assert z[one.dimension - 2:one.dimension] == pytest.approx([3.0, 1.0]) and z[-2:] == pytest.approx([3.0, 1.0])
+    assert z[one.dimension - 2 : one.dimension] == pytest.approx([3.0, 1.0]) and z[-2:] == pytest.approx([3.0, 1.0])
     assert coords.decode(z) == pytest.approx(search.x0(3.0).tolist())
 
 
@@ -77,8 +77,18 @@ def test_calibrate_and_export_a_schedule(backbone, tmp_path):
     space = _space(backbone)
     train = [Prompt(f"a shape #{i}") for i in range(8)]
     val = [Prompt(f"a val shape #{i}") for i in range(3)]
-    result = calibrate(backbone, space, train, val, MeanPixel(), steps=2, n_models=2, guidance_coordinates=True,
-                       segments=(0.6,), config=SearchConfig(max_generations=2, bucket_size=4, popsize=4, val_every=1))
+    result = calibrate(
+        backbone,
+        space,
+        train,
+        val,
+        MeanPixel(),
+        steps=2,
+        n_models=2,
+        guidance_coordinates=True,
+        segments=(0.6,),
+        config=SearchConfig(max_generations=2, bucket_size=4, popsize=4, val_every=1),
+    )
     search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.6,))
     assert result.vector.size == search.dimension and result.segments == (0.6,)
     assert result.coefficients.shape == (2, 2, space.size) and result.weights.shape == (2, 2)

@@ -117,7 +117,11 @@ def test_pack_unpack_roundtrip_and_token_count():
 def test_default_architecture_is_flux_class_with_double_and_single_blocks():
     cfg = ToyModelConfig()
     dc = cfg.diffusers_config()
-    assert dc["in_channels"] == 3 * cfg.patch_size**2 and dc["joint_attention_dim"] == 384 and dc["pooled_projection_dim"] == 384
+    assert (
+        dc["in_channels"] == 3 * cfg.patch_size**2
+        and dc["joint_attention_dim"] == 384
+        and dc["pooled_projection_dim"] == 384
+    )
     assert dc["guidance_embeds"] is False
     assert sum(dc["axes_dims_rope"]) == dc["attention_head_dim"]
     assert dc["num_layers"] >= 2 and dc["num_single_layers"] >= 2
@@ -191,7 +195,9 @@ def test_calibration_vectors_all_ones_equal_unmodified_and_are_per_sample(tiny):
     bypass[0] = 0.0  # skip every branch of the first double block
     bypassed = tiny.generate(PROMPTS, [1, 2, 3, 4], space=space, vectors=bypass)
     assert (bypassed - plain).abs().max() > 1e-3
-    mixed = tiny.generate(PROMPTS, [1, 2, 3, 4], space=space, vectors=torch.stack([ones, bypass, ones, bypass]), max_batch=3)
+    mixed = tiny.generate(
+        PROMPTS, [1, 2, 3, 4], space=space, vectors=torch.stack([ones, bypass, ones, bypass]), max_batch=3
+    )
     assert torch.allclose(mixed[0::2], plain[0::2], atol=1e-5)
     assert torch.allclose(mixed[1::2], bypassed[1::2], atol=1e-5)
 

@@ -168,7 +168,9 @@ def test_evaluate_toy_table(trained):
     out, _ = trained
     backbone = load_toy_backbone(out)
     table = evaluate_toy(backbone, n_per_category=1, steps_list=(1, 2), guidance=2.0, categories=["single", "counting"])
-    assert {(r.category, r.steps) for r in table.rows} == {(c, s) for c in ("single", "counting", "all") for s in (1, 2)}
+    assert {(r.category, r.steps) for r in table.rows} == {
+        (c, s) for c in ("single", "counting", "all") for s in (1, 2)
+    }
     for r in table.rows:
         assert 0 <= r.accuracy <= 1 and 0 <= r.alignment <= 1 and 0 <= r.quality <= 1
     md = table.to_markdown()
@@ -179,11 +181,33 @@ def test_evaluate_toy_table(trained):
 
 def test_cli_trains_and_sampling_defaults_can_be_recorded(tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main([
-        "--out", str(out), "--steps", "2", "--batch-size", "2", "--double-blocks", "1", "--single-blocks", "1",
-        "--heads", "2", "--head-dim", "16", "--pool-per-category", "3", "--eval-per-category", "0",
-        "--warmup-steps", "1", "--quiet", "--threads", "0",
-    ])
+    rc = main(
+        [
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--double-blocks",
+            "1",
+            "--single-blocks",
+            "1",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--pool-per-category",
+            "3",
+            "--eval-per-category",
+            "0",
+            "--warmup-steps",
+            "1",
+            "--quiet",
+            "--threads",
+            "0",
+        ]
+    )
     assert rc == 0
     assert '"steps": 2' in capsys.readouterr().out
     cfg = json.loads((out / CONFIG_FILE).read_text())

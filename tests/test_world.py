@@ -168,9 +168,7 @@ def test_realize_satisfies_spec_without_overlap(category):
     for _ in range(60):
         spec = world.sample_spec(rng, category)
         scene = world.realize(spec, rng)
-        requested = Counter(
-            (r["color"], r["shape"], r.get("size")) for r in world.requested_instances(spec)
-        )
+        requested = Counter((r["color"], r["shape"], r.get("size")) for r in world.requested_instances(spec))
         drawn = Counter((o.color, o.shape, o.size if category == "size" else None) for o in scene.objects)
         assert drawn == requested
         for obj in scene.objects:
@@ -206,7 +204,12 @@ def test_realize_is_seeded_and_varied():
 
 
 def test_render_is_exact():
-    expected_area = {("square", "small"): 49, ("square", "large"): 121, ("circle", "small"): 37, ("diamond", "small"): 25}
+    expected_area = {
+        ("square", "small"): 49,
+        ("square", "large"): 121,
+        ("circle", "small"): 37,
+        ("diamond", "small"): 25,
+    }
     for (shape, size), area in expected_area.items():
         scene = world.Scene((world.SceneObject("red", shape, size, 10.5, 12.5),))
         img = world.render(scene)

@@ -132,7 +132,11 @@ def test_partial_credit_and_attribute_flags():
             {"color": "green", "shape": "triangle"},
         ],
     }
-    full = _scene(("red", "circle", "small", 6.5, 6.5), ("blue", "square", "large", 20.5, 8.5), ("green", "triangle", "small", 10.5, 24.5))
+    full = _scene(
+        ("red", "circle", "small", 6.5, 6.5),
+        ("blue", "square", "large", 20.5, 8.5),
+        ("green", "triangle", "small", 10.5, 24.5),
+    )
     r_full = world.score_image(world.render(full), spec)
     assert r_full["correct"] and r_full["alignment"] > 0.98
     # One object missing: about two thirds of the alignment, count wrong.
@@ -140,12 +144,20 @@ def test_partial_credit_and_attribute_flags():
     assert not r_missing["correct"] and not r_missing["count_ok"]
     assert r_missing["alignment"] == pytest.approx(2 / 3 * r_full["alignment"], abs=0.02)
     # Wrong colour on one object: colour and binding flags fail, shapes still right.
-    recoloured = _scene(("red", "circle", "small", 6.5, 6.5), ("yellow", "square", "large", 20.5, 8.5), ("green", "triangle", "small", 10.5, 24.5))
+    recoloured = _scene(
+        ("red", "circle", "small", 6.5, 6.5),
+        ("yellow", "square", "large", 20.5, 8.5),
+        ("green", "triangle", "small", 10.5, 24.5),
+    )
     r_colour = world.score_image(world.render(recoloured), spec)
     assert r_colour["shape_ok"] and r_colour["count_ok"] and not r_colour["color_ok"] and not r_colour["correct"]
     assert r_missing["alignment"] < r_colour["alignment"] < r_full["alignment"]
     # Wrong shape on one object.
-    reshaped = _scene(("red", "diamond", "small", 6.5, 6.5), ("blue", "square", "large", 20.5, 8.5), ("green", "triangle", "small", 10.5, 24.5))
+    reshaped = _scene(
+        ("red", "diamond", "small", 6.5, 6.5),
+        ("blue", "square", "large", 20.5, 8.5),
+        ("green", "triangle", "small", 10.5, 24.5),
+    )
     r_shape = world.score_image(world.render(reshaped), spec)
     assert r_shape["color_ok"] and not r_shape["shape_ok"] and not r_shape["correct"]
     # An extra object costs as much as a missing one.
@@ -153,7 +165,11 @@ def test_partial_credit_and_attribute_flags():
     r_extra = world.score_image(world.render(extra), spec)
     assert not r_extra["correct"] and r_extra["alignment"] == pytest.approx(0.75 * r_full["alignment"], abs=0.02)
     # Swapped colours between two objects: counts of colours and shapes are right, the binding is not.
-    swapped = _scene(("blue", "circle", "small", 6.5, 6.5), ("red", "square", "large", 20.5, 8.5), ("green", "triangle", "small", 10.5, 24.5))
+    swapped = _scene(
+        ("blue", "circle", "small", 6.5, 6.5),
+        ("red", "square", "large", 20.5, 8.5),
+        ("green", "triangle", "small", 10.5, 24.5),
+    )
     r_swap = world.score_image(world.render(swapped), spec)
     assert r_swap["color_ok"] and r_swap["shape_ok"] and not r_swap["binding_ok"] and not r_swap["correct"]
 
@@ -197,14 +213,20 @@ def test_spatial_relation_and_margin():
     assert not world.score_image(world.render(diagonal), spec)["relation_ok"]
     for relation, (dx, dy) in world.RELATIONS.items():
         s = dict(spec, relation={"type": relation, "subject": 0, "object": 1})
-        scene = _scene(("red", "circle", "small", 16.5 - 8 * dx, 16.5 - 8 * dy), ("blue", "square", "small", 16.5 + 8 * dx, 16.5 + 8 * dy))
+        scene = _scene(
+            ("red", "circle", "small", 16.5 - 8 * dx, 16.5 - 8 * dy),
+            ("blue", "square", "small", 16.5 + 8 * dx, 16.5 + 8 * dy),
+        )
         assert world.score_image(world.render(scene), s)["correct"], relation
 
 
 def test_size_attribute():
     spec = {
         "category": "size",
-        "objects": [{"color": "red", "shape": "circle", "size": "large"}, {"color": "blue", "shape": "square", "size": "small"}],
+        "objects": [
+            {"color": "red", "shape": "circle", "size": "large"},
+            {"color": "blue", "shape": "square", "size": "small"},
+        ],
     }
     good = _scene(("red", "circle", "large", 8.5, 8.5), ("blue", "square", "small", 24.5, 24.5))
     flipped = _scene(("red", "circle", "small", 8.5, 8.5), ("blue", "square", "large", 22.5, 22.5))

@@ -20,11 +20,26 @@ from calibri_pipeline.assets.export import calibrated_checkpoint, paper_tables
 from calibri_pipeline.assets.prompts import prompt_embeddings, prompts
 
 #: the model x reward partitioned chain, in stage order; paper_tables reads across all partitions
-PARTITIONED_ASSETS = [prompts, prompt_embeddings, baseline_images, baseline_scores, scale_sweep, block_ablation,
-                      alternatives, calibration, evaluation, diversity, calibrated_checkpoint]
+PARTITIONED_ASSETS = [
+    prompts,
+    prompt_embeddings,
+    baseline_images,
+    baseline_scores,
+    scale_sweep,
+    block_ablation,
+    alternatives,
+    calibration,
+    evaluation,
+    diversity,
+    calibrated_checkpoint,
+]
 ALL_ASSETS = [*PARTITIONED_ASSETS, paper_tables]
-ALL_ASSET_CHECKS = [baseline_scores_are_finite, calibrated_beats_baseline, calibrated_not_worse_than_guidance_tuning,
-                    diversity_not_collapsed]
+ALL_ASSET_CHECKS = [
+    baseline_scores_are_finite,
+    calibrated_beats_baseline,
+    calibrated_not_worse_than_guidance_tuning,
+    diversity_not_collapsed,
+]
 
 from calibri_pipeline.assets.automation import ALL_JOBS, ALL_SCHEDULES, ALL_SENSORS  # noqa: E402  (jobs select the assets above)
 

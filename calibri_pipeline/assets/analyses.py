@@ -4,7 +4,6 @@ The ablation runs after the sweep: its images (one block at 0) are the sweep's a
 back from the image cache when the sweep's grid has alpha = 0 and both use the same cells.
 """
 
-
 import dagster as dg
 
 from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Stage, png_markdown, table_md
@@ -15,14 +14,21 @@ from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResourc
 def _block_stage(context, config, catalog, object_store, compute):
     """The stage, an evaluator over one model's block coefficients at the calibration NFE, and the cells' prompts."""
     stage = Stage(context, config, catalog, object_store, compute)
-    evaluator = stage.evaluator(stage.search("block"), stage.rewards([stage.reward]), steps=stage.preset.calibration_steps)
+    evaluator = stage.evaluator(
+        stage.search("block"), stage.rewards([stage.reward]), steps=stage.preset.calibration_steps
+    )
     prompts = stage.prompts("val")[: stage.preset.ablation_prompts]
     return stage, evaluator, prompts
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
-def scale_sweep(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+def scale_sweep(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Each block's output scaled by every alpha of a grid (Fig. 3b heatmap); also what scales the search."""
     import polars as pl
 
@@ -31,20 +37,37 @@ def scale_sweep(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
     stage, evaluator, prompts = _block_stage(context, config, catalog, object_store, compute)
     result = run_sweep(evaluator, prompts, alphas=stage.preset.sweep_alphas, seeds=stage.preset.ablation_seeds)
     df = result.table.select(
-        pl.lit(stage.model).alias("model"), pl.lit(stage.reward).alias("reward"),
-        pl.col("index").cast(pl.Int32).alias("block_index"), pl.col("name").alias("block"), "alpha", "mean", "delta",
-        pl.col("delta_low").alias("ci_low"), pl.col("delta_high").alias("ci_high"), pl.col("n_cells").cast(pl.Int32).alias("n"),
+        pl.lit(stage.model).alias("model"),
+        pl.lit(stage.reward).alias("reward"),
+        pl.col("index").cast(pl.Int32).alias("block_index"),
+        pl.col("name").alias("block"),
+        "alpha",
+        "mean",
+        "delta",
+        pl.col("delta_low").alias("ci_low"),
+        pl.col("delta_high").alias("ci_high"),
+        pl.col("n_cells").cast(pl.Int32).alias("n"),
     ).with_columns(pl.lit(stage.preset.calibration_steps).alias("steps"))
     stage.catalog.replace("sweeps", df, {"model": stage.model, "reward": stage.reward})
     stage.summary(f"scale_sweep: {df.height} cells of the grid", evaluator)
     best = df.sort("mean", descending=True).head(10)
-    return dg.MaterializeResult(metadata={"rows": df.height, "best_cells": table_md(best),
-                                          "heatmap": png_markdown(result.plot(), "scale sweep")})
+    return dg.MaterializeResult(
+        metadata={
+            "rows": df.height,
+            "best_cells": table_md(best),
+            "heatmap": png_markdown(result.plot(), "scale sweep"),
+        }
+    )
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[scale_sweep], pool=GPU_POOL, kinds={"pytorch"})
-def block_ablation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                   object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+def block_ablation(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Each block bypassed in turn: reward change vs the unmodified model, bootstrap CIs (Fig. 3a)."""
     import polars as pl
 
@@ -53,13 +76,24 @@ def block_ablation(context: dg.AssetExecutionContext, config: CalibriConfig, cat
     stage, evaluator, prompts = _block_stage(context, config, catalog, object_store, compute)
     result = run_ablation(evaluator, prompts, seeds=stage.preset.ablation_seeds)
     df = result.table.select(
-        pl.lit(stage.model).alias("model"), pl.lit(stage.reward).alias("reward"),
-        pl.col("index").cast(pl.Int32).alias("block_index"), pl.col("name").alias("block"),
-        pl.col("baseline_mean").alias("baseline"), pl.col("ablated_mean").alias("mean"), "delta",
-        pl.col("delta_low").alias("ci_low"), pl.col("delta_high").alias("ci_high"), pl.col("n_cells").cast(pl.Int32).alias("n"),
+        pl.lit(stage.model).alias("model"),
+        pl.lit(stage.reward).alias("reward"),
+        pl.col("index").cast(pl.Int32).alias("block_index"),
+        pl.col("name").alias("block"),
+        pl.col("baseline_mean").alias("baseline"),
+        pl.col("ablated_mean").alias("mean"),
+        "delta",
+        pl.col("delta_low").alias("ci_low"),
+        pl.col("delta_high").alias("ci_high"),
+        pl.col("n_cells").cast(pl.Int32).alias("n"),
     ).with_columns(pl.lit(stage.preset.calibration_steps).alias("steps"))
     stage.catalog.replace("ablations", df, {"model": stage.model, "reward": stage.reward})
     stage.summary(f"block_ablation: {df.height} blocks", evaluator)
-    return dg.MaterializeResult(metadata={"rows": df.height, "table": table_md(df),
-                                          "images_from_cache": evaluator.stats.cached,
-                                          "plot": png_markdown(result.plot(), "ablation")})
+    return dg.MaterializeResult(
+        metadata={
+            "rows": df.height,
+            "table": table_md(df),
+            "images_from_cache": evaluator.stats.cached,
+            "plot": png_markdown(result.plot(), "ablation"),
+        }
+    )

@@ -33,10 +33,14 @@ def _asset_config(assets, **fields: Any) -> dict:
     return {"ops": {a.key.to_python_identifier(): {"config": dict(fields)} for a in assets if a in CONFIGURABLE}}
 
 
-recalibrate_job = dg.define_asset_job("recalibrate", selection=RECALIBRATE,
-                                      description="prompts -> baselines -> CMA-ES -> evaluation -> export, one partition")
-evaluate_job = dg.define_asset_job("evaluate", selection=[evaluation, diversity],
-                                   description="re-evaluate the latest calibration of a partition")
+recalibrate_job = dg.define_asset_job(
+    "recalibrate",
+    selection=RECALIBRATE,
+    description="prompts -> baselines -> CMA-ES -> evaluation -> export, one partition",
+)
+evaluate_job = dg.define_asset_job(
+    "evaluate", selection=[evaluation, diversity], description="re-evaluate the latest calibration of a partition"
+)
 
 #: one job per ready-made configuration, selectable in the UI; the preset pre-fills every asset's config.
 #: Selecting the assets selects their asset checks too (they run in the same run, after their asset).
@@ -62,8 +66,11 @@ def detect_kind(config: dict) -> str | None:
     if isinstance(config.get("model"), dict):
         return "toy"
     cls = config.get("_class_name", "")
-    return {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
-            "QwenImageTransformer2DModel": "qwen-image"}.get(cls)
+    return {
+        "FluxTransformer2DModel": "flux",
+        "SD3Transformer2DModel": "sd3",
+        "QwenImageTransformer2DModel": "qwen-image",
+    }.get(cls)
 
 
 def scan_checkpoints(url: str) -> list[dict[str, str]]:
@@ -90,8 +97,12 @@ def scan_checkpoints(url: str) -> list[dict[str, str]]:
     return sorted(found, key=lambda c: c["name"])
 
 
-@dg.sensor(job=recalibrate_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="new checkpoint folder -> model partition + recalibration warm-started from the previous one")
+@dg.sensor(
+    job=recalibrate_job,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="new checkpoint folder -> model partition + recalibration warm-started from the previous one",
+)
 def checkpoint_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStoreResource) -> dg.SensorResult:
     from calibri_pipeline.models import checkpoint_key, register_model
 
@@ -111,17 +122,21 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext, object_store: ObjectS
         seen[ckpt["name"]] = key
         seen[f"latest:{ckpt['kind']}"] = key
         partition_key = dg.MultiPartitionKey({"model": key, "reward": reward})
-        run_requests.append(dg.RunRequest(
-            run_key=f"recalibrate:{key}", partition_key=partition_key,
-            run_config=_asset_config(RECALIBRATE, warm_start_from=parent),
-            tags={"calibri/checkpoint": ckpt["path"], "calibri/warm_start_from": parent},
-        ))
+        run_requests.append(
+            dg.RunRequest(
+                run_key=f"recalibrate:{key}",
+                partition_key=partition_key,
+                run_config=_asset_config(RECALIBRATE, warm_start_from=parent),
+                tags={"calibri/checkpoint": ckpt["path"], "calibri/warm_start_from": parent},
+            )
+        )
         context.log.info(f"new checkpoint {ckpt['name']} ({ckpt['kind']}) -> partition {key}, warm start from {parent}")
     partition_requests = [MODEL_PARTITIONS.build_add_request(new_partitions)] if new_partitions else []
     if run_requests and reward not in context.instance.get_dynamic_partitions(REWARD_PARTITIONS.name):
         partition_requests.append(REWARD_PARTITIONS.build_add_request([reward]))  # added before the runs start
-    return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=partition_requests,
-                           cursor=json.dumps(seen))
+    return dg.SensorResult(
+        run_requests=run_requests, dynamic_partitions_requests=partition_requests, cursor=json.dumps(seen)
+    )
 
 
 def _exists(url: str) -> bool:
@@ -130,8 +145,12 @@ def _exists(url: str) -> bool:
     return os.path.isdir(url.removeprefix("file://"))
 
 
-@dg.schedule(job=evaluate_job, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.STOPPED,
-             description="nightly: re-evaluate every partition's latest finished calibration")
+@dg.schedule(
+    job=evaluate_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="nightly: re-evaluate every partition's latest finished calibration",
+)
 def reevaluate_schedule(context: dg.ScheduleEvaluationContext, catalog: CatalogResource):
     df = catalog.catalog.query(
         "SELECT DISTINCT model, reward FROM calibration_runs WHERE status = 'finished' ORDER BY model, reward"
@@ -139,15 +158,19 @@ def reevaluate_schedule(context: dg.ScheduleEvaluationContext, catalog: CatalogR
     models = set(context.instance.get_dynamic_partitions(MODEL_PARTITIONS.name))
     rewards = set(context.instance.get_dynamic_partitions(REWARD_PARTITIONS.name))
     requests = [
-        dg.RunRequest(run_key=f"reevaluate:{m}|{r}:{context.scheduled_execution_time:%Y%m%d}",
-                      partition_key=dg.MultiPartitionKey({"model": m, "reward": r}))
-        for m, r in df.iter_rows() if m in models and r in rewards
+        dg.RunRequest(
+            run_key=f"reevaluate:{m}|{r}:{context.scheduled_execution_time:%Y%m%d}",
+            partition_key=dg.MultiPartitionKey({"model": m, "reward": r}),
+        )
+        for m, r in df.iter_rows()
+        if m in models and r in rewards
     ]
     return requests or dg.SkipReason("no finished calibration to re-evaluate")
 
 
-paper_tables_job = dg.define_asset_job("build_paper_tables", selection=[paper_tables],
-                                      description="Tables 2, 6, 7 over every calibrated partition")
+paper_tables_job = dg.define_asset_job(
+    "build_paper_tables", selection=[paper_tables], description="Tables 2, 6, 7 over every calibrated partition"
+)
 ALL_JOBS = [recalibrate_job, evaluate_job, paper_tables_job, *PRESET_JOBS]
 ALL_SENSORS = [checkpoint_sensor]
 ALL_SCHEDULES = [reevaluate_schedule]

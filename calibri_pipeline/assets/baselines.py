@@ -1,6 +1,5 @@
 """Stage 2: the unmodified model's test images and their scores."""
 
-
 import dagster as dg
 
 from calibri_pipeline.assets.common import (
@@ -20,8 +19,13 @@ from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResourc
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch", "s3"})
-def baseline_images(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                    object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+def baseline_images(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Unmodified model on the test prompts at the default NFE and at the calibration NFE (into the image cache)."""
     import polars as pl
 
@@ -34,21 +38,40 @@ def baseline_images(context: dg.AssetExecutionContext, config: CalibriConfig, ca
     for steps in sorted({preset.default_steps, preset.calibration_steps}):
         made = stage.evaluator(None, [], steps=steps)
         result = made(None, cell_prompts, cell_seeds, keep_images=True, label=f"baseline images, {steps} steps")
-        frames.append(image_rows(stage, cell_prompts, cell_seeds, result.keys[0], steps=steps,
-                                 guidance=made.sampling.guidance, calibration="baseline"))
-        meta[f"grid_nfe{steps}"] = png_markdown(grid_of(result.images, test, stride=len(preset.seeds)),
-                                                f"baseline {steps} steps")
-        stage.log(f"baseline at {steps} steps: {len(cell_prompts)} images ({result.generated} sampled, "
-                  f"{result.cached} from the image cache) in {result.seconds:.1f} s")
+        frames.append(
+            image_rows(
+                stage,
+                cell_prompts,
+                cell_seeds,
+                result.keys[0],
+                steps=steps,
+                guidance=made.sampling.guidance,
+                calibration="baseline",
+            )
+        )
+        meta[f"grid_nfe{steps}"] = png_markdown(
+            grid_of(result.images, test, stride=len(preset.seeds)), f"baseline {steps} steps"
+        )
+        stage.log(
+            f"baseline at {steps} steps: {len(cell_prompts)} images ({result.generated} sampled, "
+            f"{result.cached} from the image cache) in {result.seconds:.1f} s"
+        )
     rows = pl.concat(frames)
     stage.catalog.replace("images", rows, {"run_key": stage.run_key, "calibration": "baseline"})
     stage.summary(f"baseline_images: {rows.height} images")
-    return dg.MaterializeResult(metadata={"rows": rows.height, "steps": sorted({preset.default_steps, preset.calibration_steps}), **meta})
+    return dg.MaterializeResult(
+        metadata={"rows": rows.height, "steps": sorted({preset.default_steps, preset.calibration_steps}), **meta}
+    )
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[baseline_images], kinds={"duckdb"})
-def baseline_scores(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                    object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+def baseline_scores(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Every evaluation reward on every baseline image (the stored PNGs, read back through the image cache)."""
     import polars as pl
 
@@ -68,8 +91,13 @@ def baseline_scores(context: dg.AssetExecutionContext, config: CalibriConfig, ca
     scores = pl.concat(frames).unique(subset=["image_id", "reward"], keep="first", maintain_order=True)
     stage.catalog.replace("scores", scores, {"run_key": stage.run_key, "calibration": "baseline"})
     stage.summary(f"baseline_scores: {scores.height} scores")
-    return dg.MaterializeResult(metadata={"rows": scores.height, "summary": table_md(pl.DataFrame(summary)),
-                                          "nan_scores": int(scores["score"].is_nan().sum())})
+    return dg.MaterializeResult(
+        metadata={
+            "rows": scores.height,
+            "summary": table_md(pl.DataFrame(summary)),
+            "nan_scores": int(scores["score"].is_nan().sum()),
+        }
+    )
 
 
 @dg.asset_check(asset=baseline_scores, description="no NaN or infinite reward in this partition's baseline scores")
@@ -77,8 +105,8 @@ def baseline_scores_are_finite(context: dg.AssetCheckExecutionContext, catalog: 
     run_key = check_run_key(context)
     df = catalog.catalog.query(
         "SELECT count(*) FILTER (WHERE NOT isfinite(score)) AS bad, count(*) AS n FROM scores "
-        "WHERE run_key = ? AND calibration = 'baseline'", [run_key])
+        "WHERE run_key = ? AND calibration = 'baseline'",
+        [run_key],
+    )
     bad, n = df.row(0)
     return dg.AssetCheckResult(passed=bool(bad == 0 and n > 0), metadata={"non_finite": int(bad), "rows": int(n)})
-
-

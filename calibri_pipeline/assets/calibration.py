@@ -1,6 +1,5 @@
 """Stage 5: CMA-ES over the Calibri coefficients (resumable: state after every generation in the object store)."""
 
-
 import json
 import time
 from datetime import UTC, datetime
@@ -38,7 +37,9 @@ def _warm_start(stage: Stage, source_model: str | None, space, n_models: int):
         stage.log(f"warm start: {source_model} has no finished {stage.reward} calibration; starting from ones")
         return None, None
     if list(previous["names"] or []) != list(space.names):
-        stage.context.log.warning(f"warm start: {previous['run_id']} has a different calibration space; starting from ones")
+        stage.context.log.warning(
+            f"warm start: {previous['run_id']} has a different calibration space; starting from ones"
+        )
         return None, None
     vector = list(previous["vector"])
     if previous["n_models"] != n_models:  # keep the first model's coefficients, re-derive the weights
@@ -56,9 +57,17 @@ def _parent_model(model: str, store) -> str | None:
         return None
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[scale_sweep, alternatives], pool=GPU_POOL, kinds={"pytorch"})
-def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                object_store: ObjectStoreResource, compute: ComputeResource, ray: RayResource) -> dg.MaterializeResult:
+@dg.asset(
+    partitions_def=PARTITIONS, group_name=GROUP, deps=[scale_sweep, alternatives], pool=GPU_POOL, kinds={"pytorch"}
+)
+def calibration(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+    ray: RayResource,
+) -> dg.MaterializeResult:
     """CMA-ES over the Calibri coefficients, scaled to the model by the sweep, its noise measured and its pick confirmed."""
     import polars as pl
     from tqdm.auto import tqdm
@@ -73,68 +82,145 @@ def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
     space = stage.space()
     train, val = stage.prompts("train"), stage.prompts("val")
     run_id = run_id_for(stage.model, stage.reward, preset.granularity, preset.n_models)
-    warm, warm_from = _warm_start(stage, config.warm_start_from or _parent_model(stage.model, store), space, preset.n_models)
-    sweep = cat.query("SELECT block AS name, alpha, delta FROM sweeps WHERE model = ? AND reward = ?", [stage.model, stage.reward])
+    warm, warm_from = _warm_start(
+        stage, config.warm_start_from or _parent_model(stage.model, store), space, preset.n_models
+    )
+    sweep = cat.query(
+        "SELECT block AS name, alpha, delta FROM sweeps WHERE model = ? AND reward = ?", [stage.model, stage.reward]
+    )
     tuned = load_tunings(stage).get("guidance-tuned")
     try:
-        arguments = calibration_arguments(preset, stage.backbone, space, sweep=sweep, warm_start=warm,
-                                          tuned_guidance=None if tuned is None else tuned["guidance"])
+        arguments = calibration_arguments(
+            preset,
+            stage.backbone,
+            space,
+            sweep=sweep,
+            warm_start=warm,
+            tuned_guidance=None if tuned is None else tuned["guidance"],
+        )
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     cfg = search_config(preset)
     state_prefix = f"calibration-state/{stage.model}/{stage.reward}/{preset.granularity}-n{preset.n_models}"
-    base_row = dict(run_id=run_id, model=stage.model, reward=stage.reward, granularity=preset.granularity,
-                    n_models=preset.n_models, checkpoint=stage.model if "--" in stage.model else None,
-                    warm_start_from=warm_from or (f"guidance-tuned ({tuned['label']})" if preset.start == "guidance-tuned" and tuned else None),
-                    names=list(space.names),
-                    config=json.dumps({"preset": preset.to_dict(), "search": cfg.to_dict(),
-                                       "guidance": arguments["guidance"],
-                                       "initial_stds": arguments.get("initial_stds")}),
-                    state_uri=store.uri(state_prefix), started_at=_now())
+    base_row = dict(
+        run_id=run_id,
+        model=stage.model,
+        reward=stage.reward,
+        granularity=preset.granularity,
+        n_models=preset.n_models,
+        checkpoint=stage.model if "--" in stage.model else None,
+        warm_start_from=warm_from
+        or (f"guidance-tuned ({tuned['label']})" if preset.start == "guidance-tuned" and tuned else None),
+        names=list(space.names),
+        config=json.dumps(
+            {
+                "preset": preset.to_dict(),
+                "search": cfg.to_dict(),
+                "guidance": arguments["guidance"],
+                "initial_stds": arguments.get("initial_stds"),
+            }
+        ),
+        state_uri=store.uri(state_prefix),
+        started_at=_now(),
+    )
     cat.replace("calibration_runs", pl.DataFrame([dict(base_row, status="running", generations=0)]), {"run_id": run_id})
     bar = tqdm(total=cfg.max_generations, desc=f"CMA-ES {stage.model}|{stage.reward}", unit="gen")
 
     def on_generation(record: dict) -> None:
         bar.update(1)
         val_txt = f" val={record['val_score']:.4f}" if record.get("val_score") is not None else ""
-        stage.log(f"generation {record['generation']}: sigma={record['sigma']:.4f} best={record['train_best']:.4f} "
-                  f"mean={record['train_mean']:.4f}{val_txt} ({record['seconds']:.0f} s)")
+        stage.log(
+            f"generation {record['generation']}: sigma={record['sigma']:.4f} best={record['train_best']:.4f} "
+            f"mean={record['train_mean']:.4f}{val_txt} ({record['seconds']:.0f} s)"
+        )
 
     t0 = time.perf_counter()
     try:
         # with a Ray address, images are made on Ray actors holding their own replicas
         with ray.worker_pool(ModelFactory(stage.model, store.url, compute.device, compute.dtype)) as pool:
-            result = calibrate(stage.backbone, space, train, val, stage.rewards([stage.reward]), config=cfg,
-                               val_seeds_per_prompt=list(preset.val_seeds), store=store.state_store(state_prefix),
-                               run_name="cmaes", on_generation=on_generation, pool=pool, cache=stage.image_cache,
-                               model=stage.model, **arguments)
+            result = calibrate(
+                stage.backbone,
+                space,
+                train,
+                val,
+                stage.rewards([stage.reward]),
+                config=cfg,
+                val_seeds_per_prompt=list(preset.val_seeds),
+                store=store.state_store(state_prefix),
+                run_name="cmaes",
+                on_generation=on_generation,
+                pool=pool,
+                cache=stage.image_cache,
+                model=stage.model,
+                **arguments,
+            )
     except BaseException:
-        cat.replace("calibration_runs", pl.DataFrame([dict(base_row, status="failed", ended_at=_now())]), {"run_id": run_id})
+        cat.replace(
+            "calibration_runs", pl.DataFrame([dict(base_row, status="failed", ended_at=_now())]), {"run_id": run_id}
+        )
         raise
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     search = result.search
     candidates = search.candidates_frame()
-    per_generation = candidates.group_by("generation").agg(pl.col("fitness").min().alias("worst_fitness"),
-                                                          pl.len().alias("n")).sort("generation")
-    generations = search.generations_frame().select(
-        "generation", "sigma", pl.col("train_best").alias("best_fitness"), pl.col("train_mean").alias("mean_fitness"),
-        pl.col("val_score").cast(pl.Float64), "seconds",
-    ).join(per_generation, on="generation").with_columns(
-        pl.col("n").cum_sum().cast(pl.Int32).alias("evaluations")).drop("n")
+    per_generation = (
+        candidates.group_by("generation")
+        .agg(pl.col("fitness").min().alias("worst_fitness"), pl.len().alias("n"))
+        .sort("generation")
+    )
+    generations = (
+        search.generations_frame()
+        .select(
+            "generation",
+            "sigma",
+            pl.col("train_best").alias("best_fitness"),
+            pl.col("train_mean").alias("mean_fitness"),
+            pl.col("val_score").cast(pl.Float64),
+            "seconds",
+        )
+        .join(per_generation, on="generation")
+        .with_columns(pl.col("n").cum_sum().cast(pl.Int32).alias("evaluations"))
+        .drop("n")
+    )
     cat.replace("cmaes_generations", generations, {"run_id": run_id})
-    cat.replace("cmaes_candidates", candidates.select("generation", pl.col("index").alias("candidate"), "fitness", "vector"),
-                {"run_id": run_id})
+    cat.replace(
+        "cmaes_candidates",
+        candidates.select("generation", pl.col("index").alias("candidate"), "fitness", "vector"),
+        {"run_id": run_id},
+    )
     vector = [float(v) for v in result.vector]
     noise = search.noise
-    cat.replace("calibration_runs", pl.DataFrame([dict(
-        base_row, status="finished", generations=search.n_generations, baseline_val=float(result.baseline_val_score),
-        best_val=float(result.val_score), vector=vector, noise=json.dumps(noise) if noise else None, ended_at=_now())],
-        schema_overrides={"noise": pl.String}), {"run_id": run_id})
-    store.put_json(f"calibrations/{stage.model}/{stage.reward}/result.json",
-                   dict(result.to_dict(), run_id=run_id, vector=vector, names=list(space.names), noise=noise,
-                        confirmation=search.confirmation))
+    cat.replace(
+        "calibration_runs",
+        pl.DataFrame(
+            [
+                dict(
+                    base_row,
+                    status="finished",
+                    generations=search.n_generations,
+                    baseline_val=float(result.baseline_val_score),
+                    best_val=float(result.val_score),
+                    vector=vector,
+                    noise=json.dumps(noise) if noise else None,
+                    ended_at=_now(),
+                )
+            ],
+            schema_overrides={"noise": pl.String},
+        ),
+        {"run_id": run_id},
+    )
+    store.put_json(
+        f"calibrations/{stage.model}/{stage.reward}/result.json",
+        dict(
+            result.to_dict(),
+            run_id=run_id,
+            vector=vector,
+            names=list(space.names),
+            noise=noise,
+            confirmation=search.confirmation,
+        ),
+    )
     coef_table = pl.DataFrame({"name": result.layout.names(space.names), "value": vector})
     meta = {
         "run_id": run_id,
@@ -152,8 +238,10 @@ def calibration(context: dg.AssetExecutionContext, config: CalibriConfig, catalo
         meta["noise"] = dg.MetadataValue.json(noise)
     if search.confirmation:
         meta["confirmation"] = table_md(pl.DataFrame(search.confirmation["rows"]))
-    stage.summary(f"calibration: {search.n_generations} generations ({search.stop_reason}), validation "
-                  f"{result.baseline_val_score:.4f} -> {result.val_score:.4f}")
+    stage.summary(
+        f"calibration: {search.n_generations} generations ({search.stop_reason}), validation "
+        f"{result.baseline_val_score:.4f} -> {result.val_score:.4f}"
+    )
     return dg.MaterializeResult(metadata=meta)
 
 

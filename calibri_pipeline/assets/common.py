@@ -37,7 +37,9 @@ PARTITIONS = dg.MultiPartitionsDefinition({"model": MODEL_PARTITIONS, "reward": 
 def check_reward_key(reward: str) -> str:
     """``reward`` if a calibration can optimise it (a REWARD_KEYS entry), else a ValueError."""
     if reward not in REWARD_KEYS:
-        raise ValueError(f"unknown reward partition {reward!r}; a calibration optimises one of {', '.join(REWARD_KEYS)}")
+        raise ValueError(
+            f"unknown reward partition {reward!r}; a calibration optimises one of {', '.join(REWARD_KEYS)}"
+        )
     return reward
 
 
@@ -131,7 +133,9 @@ GROUP = "calibri"
 class CalibriConfig(dg.Config):
     """Options shared by every asset; empty fields take the preset's value (calibri_pipeline/presets.py)."""
 
-    preset: str | None = Field(default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)")
+    preset: str | None = Field(
+        default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)"
+    )
     n_train: int | None = None
     n_val: int | None = None
     n_test: int | None = None
@@ -146,8 +150,12 @@ class CalibriConfig(dg.Config):
     patience: int | None = None
     granularity: str | None = None
     n_models: int | None = None
-    scaling: str | None = Field(default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)")
-    weights: str | None = Field(default=None, description="paper | guidance (the CFG pair searched as guidance x scale)")
+    scaling: str | None = Field(
+        default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)"
+    )
+    weights: str | None = Field(
+        default=None, description="paper | guidance (the CFG pair searched as guidance x scale)"
+    )
     start: str | None = Field(default=None, description="stock | guidance-tuned (where CMA-ES starts)")
     separable: bool | None = None
     probe_buckets: int | None = None
@@ -163,7 +171,9 @@ class CalibriConfig(dg.Config):
     ablation_seeds: list[int] | None = None
     sweep_alphas: list[float] | None = None
     max_batch: int | None = None
-    llm_rewrite: bool = Field(default=False, description="rewrite world prompts with the LLM (checked against their specs)")
+    llm_rewrite: bool = Field(
+        default=False, description="rewrite world prompts with the LLM (checked against their specs)"
+    )
     warm_start_from: str | None = Field(default=None, description="model key whose latest calibration seeds CMA-ES")
 
 
@@ -227,8 +237,9 @@ class Stage:
         from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
 
         sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=self.preset.max_batch)
-        return LocalEvaluator(self.backbone, search, rewards, sampling, cache=self.image_cache, model=self.model,
-                              progress=True)
+        return LocalEvaluator(
+            self.backbone, search, rewards, sampling, cache=self.image_cache, model=self.model, progress=True
+        )
 
     def summary(self, what: str, evaluator=None) -> str:
         """One line for the run log: what was done, how many images were made vs read, how long."""
@@ -264,9 +275,19 @@ def image_rows(stage: Stage, cell_prompts, cell_seeds, keys: Sequence[str], *, s
         uri = stage.image_cache.uri(key)
         if uri is None:
             raise RuntimeError(f"image {key} is not in the image cache (was the evaluator asked to store it?)")
-        rows.append(dict(image_id=key, run_key=stage.run_key, model=stage.model, prompt_id=p.prompt_id, seed=int(seed),
-                         steps=int(steps), guidance=None if guidance is None else float(guidance),
-                         calibration=calibration, uri=uri))
+        rows.append(
+            dict(
+                image_id=key,
+                run_key=stage.run_key,
+                model=stage.model,
+                prompt_id=p.prompt_id,
+                seed=int(seed),
+                steps=int(steps),
+                guidance=None if guidance is None else float(guidance),
+                calibration=calibration,
+                uri=uri,
+            )
+        )
     return pl.DataFrame(rows, schema_overrides={"guidance": pl.Float64})
 
 

@@ -4,7 +4,6 @@ Every image the evaluation needs that an earlier stage made (the baselines at th
 calibration NFE, a calibration that selected x0) is read back from the image cache, not sampled again.
 """
 
-
 import dagster as dg
 
 from calibri_pipeline.assets.alternatives import load_tunings
@@ -26,10 +25,20 @@ from calibri_pipeline.report import SETTING_TAGS, evaluation_frames
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[calibration, baseline_scores], pool=GPU_POOL,
-          kinds={"pytorch", "duckdb"})
-def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-               object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=GROUP,
+    deps=[calibration, baseline_scores],
+    pool=GPU_POOL,
+    kinds={"pytorch", "duckdb"},
+)
+def evaluation(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Test prompts: baseline, guidance-tuned, SLG-tuned and Calibri at the calibration NFE, the baseline at
     twice that and at the default, the NFE study; every reward, paired CIs against the references."""
     import json
@@ -47,18 +56,23 @@ def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog
     run = load_calibration(stage)
     space = stage.space(run["granularity"])
     run_config = json.loads(run["config"])
-    search = SearchSpace.for_model(space, run["n_models"], uses_cfg=bool(stage.backbone.uses_cfg),
-                                   segments=run_config["preset"].get("segments") or ())
+    search = SearchSpace.for_model(
+        space,
+        run["n_models"],
+        uses_cfg=bool(stage.backbone.uses_cfg),
+        segments=run_config["preset"].get("segments") or (),
+    )
     run_guidance = run_config.get("guidance")
     tunings = load_tunings(stage)
     settings, references = comparison_settings(
-        preset, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings,
-        slg_space=stage.space("block"))
+        preset, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings, slg_space=stage.space("block")
+    )
     test = stage.prompts("test")
     rewards = stage.rewards(stage.eval_reward_names)  # loaded once for every setting
     evaluator = stage.evaluator(None, rewards)
-    result = evaluate_settings(evaluator, settings, test, seeds=preset.seeds, reference=references["baseline"],
-                               references=references)
+    result = evaluate_settings(
+        evaluator, settings, test, seeds=preset.seeds, reference=references["baseline"], references=references
+    )
     evals, comparisons = evaluation_frames(result, run["run_id"])
     evals = evals.with_columns(pl.lit(stage.model).alias("model"), pl.lit(f"{stage.run_key}:test").alias("prompt_set"))
     cat.replace("evaluations", evals, {"run_key": stage.run_key})
@@ -75,13 +89,23 @@ def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog
         if label not in keys:
             continue
         calibration_tag = run["run_id"] if name == "calibri" else SETTING_TAGS[name]
-        rows = image_rows(stage, cell_prompts, cell_seeds, keys[label], steps=low, guidance=settings[label].guidance,
-                          calibration=calibration_tag)
+        rows = image_rows(
+            stage,
+            cell_prompts,
+            cell_seeds,
+            keys[label],
+            steps=low,
+            guidance=settings[label].guidance,
+            calibration=calibration_tag,
+        )
         cat.replace("images", rows, {"run_key": stage.run_key, "calibration": calibration_tag})
         i = labels.index(label)
-        scores = pl.concat([pl.DataFrame({"image_id": keys[label], "reward": [r] * len(keys[label]), "score": m[i]})
-                            for r, m in score_matrix.items()]).unique(subset=["image_id", "reward"], keep="first",
-                                                                      maintain_order=True)
+        scores = pl.concat(
+            [
+                pl.DataFrame({"image_id": keys[label], "reward": [r] * len(keys[label]), "score": m[i]})
+                for r, m in score_matrix.items()
+            ]
+        ).unique(subset=["image_id", "reward"], keep="first", maintain_order=True)
         cat.replace("scores", scores, {"run_key": stage.run_key, "calibration": calibration_tag})
     headline = headline_table(evals, comparisons, stage.reward, low, preset.default_steps)
     nfe_table = result.table.with_columns(result.table["label"].str.split("@").list.get(0).alias("label"))
@@ -91,8 +115,9 @@ def evaluation(context: dg.AssetExecutionContext, config: CalibriConfig, catalog
     meta = {
         "rows": evals.height,
         "headline": table_md(headline),
-        "nfe_plot": png_markdown(plot_nfe(nfe_table.select("label", "steps", "reward", "mean", "ci_low", "ci_high")),
-                                 "reward vs NFE"),
+        "nfe_plot": png_markdown(
+            plot_nfe(nfe_table.select("label", "steps", "reward", "mean", "ci_low", "ci_high")), "reward vs NFE"
+        ),
         "images_from_cache": evaluator.stats.cached,
         "images_sampled": evaluator.stats.generated,
     }
@@ -117,8 +142,11 @@ def _comparison(catalog, run_key: str, reference_name: str) -> dict | None:
     return None if df.height == 0 else df.row(0, named=True)
 
 
-@dg.asset_check(asset=evaluation, description="Calibri beats the baseline at the calibration NFE on held-out prompts "
-                                              "(paired 95% CI of the optimised reward above 0)")
+@dg.asset_check(
+    asset=evaluation,
+    description="Calibri beats the baseline at the calibration NFE on held-out prompts "
+    "(paired 95% CI of the optimised reward above 0)",
+)
 def calibrated_beats_baseline(context: dg.AssetCheckExecutionContext, catalog: CatalogResource) -> dg.AssetCheckResult:
     row = _comparison(catalog.catalog, check_run_key(context), "baseline")
     if row is None:
@@ -126,24 +154,48 @@ def calibrated_beats_baseline(context: dg.AssetCheckExecutionContext, catalog: C
     passed = row["ci_low"] > 0
     # worse than the baseline (the whole interval below 0) is an error; not shown better is a warning
     severity = dg.AssetCheckSeverity.ERROR if row["ci_high"] < 0 else dg.AssetCheckSeverity.WARN
-    return dg.AssetCheckResult(passed=bool(passed), severity=severity, metadata={
-        "delta": float(row["delta"]), "ci_low": float(row["ci_low"]), "ci_high": float(row["ci_high"]), "images": int(row["n"])})
+    return dg.AssetCheckResult(
+        passed=bool(passed),
+        severity=severity,
+        metadata={
+            "delta": float(row["delta"]),
+            "ci_low": float(row["ci_low"]),
+            "ci_high": float(row["ci_high"]),
+            "images": int(row["n"]),
+        },
+    )
 
 
-@dg.asset_check(asset=evaluation, description="Calibri is not worse than the guidance-tuned baseline at the "
-                                              "calibration NFE (the paired 95% CI reaches 0 or above)")
-def calibrated_not_worse_than_guidance_tuning(context: dg.AssetCheckExecutionContext,
-                                              catalog: CatalogResource) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=evaluation,
+    description="Calibri is not worse than the guidance-tuned baseline at the "
+    "calibration NFE (the paired 95% CI reaches 0 or above)",
+)
+def calibrated_not_worse_than_guidance_tuning(
+    context: dg.AssetCheckExecutionContext, catalog: CatalogResource
+) -> dg.AssetCheckResult:
     row = _comparison(catalog.catalog, check_run_key(context), "guidance-tuned")
     if row is None:
         return dg.AssetCheckResult(passed=True, metadata={"reason": "no guidance-tuned alternative in this partition"})
-    return dg.AssetCheckResult(passed=bool(row["ci_high"] >= 0), severity=dg.AssetCheckSeverity.WARN, metadata={
-        "delta": float(row["delta"]), "ci_low": float(row["ci_low"]), "ci_high": float(row["ci_high"]), "images": int(row["n"])})
+    return dg.AssetCheckResult(
+        passed=bool(row["ci_high"] >= 0),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "delta": float(row["delta"]),
+            "ci_low": float(row["ci_low"]),
+            "ci_high": float(row["ci_high"]),
+            "images": int(row["n"]),
+        },
+    )
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[evaluation], kinds={"pytorch", "duckdb"})
-def diversity(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-              object_store: ObjectStoreResource) -> dg.MaterializeResult:
+def diversity(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+) -> dg.MaterializeResult:
     """Per-prompt diversity over seeds (1 - mean pairwise cosine similarity of image features; paper App. B)."""
     import polars as pl
     import torch
@@ -153,8 +205,11 @@ def diversity(context: dg.AssetExecutionContext, config: CalibriConfig, catalog:
     from calibri_pipeline.storage.image_cache import read_png_tensor
 
     stage = Stage(context, config, catalog, object_store)
-    rows = stage.catalog.query("SELECT image_id, prompt_id, seed, steps, calibration, uri FROM images WHERE run_key = ? "
-                               "ORDER BY calibration, steps, prompt_id, seed", [stage.run_key])
+    rows = stage.catalog.query(
+        "SELECT image_id, prompt_id, seed, steps, calibration, uri FROM images WHERE run_key = ? "
+        "ORDER BY calibration, steps, prompt_id, seed",
+        [stage.run_key],
+    )
     if rows.height == 0:
         raise dg.Failure(f"no images for {stage.run_key}")
     extractor = make_feature_extractor("efficientnet-lite0")
@@ -163,24 +218,46 @@ def diversity(context: dg.AssetExecutionContext, config: CalibriConfig, catalog:
         images = torch.stack([read_png_tensor(stage.store, u) for u in group["uri"]])
         per_prompt = diversity_per_prompt(extractor(images), list(group["prompt_id"]))
         counts = dict(group.group_by("prompt_id").len().iter_rows())
-        out += [dict(model=stage.model, calibrated=tag not in SETTING_TAGS.values(), calibration=tag, nfe=int(steps),
-                     prompt_id=pid, diversity=float(d), n_seeds=int(counts[pid])) for pid, d in per_prompt.items()]
+        out += [
+            dict(
+                model=stage.model,
+                calibrated=tag not in SETTING_TAGS.values(),
+                calibration=tag,
+                nfe=int(steps),
+                prompt_id=pid,
+                diversity=float(d),
+                n_seeds=int(counts[pid]),
+            )
+            for pid, d in per_prompt.items()
+        ]
     df = pl.DataFrame(out)
     stage.catalog.replace("diversity", df, {"run_key": stage.run_key})
-    summary = df.group_by("calibration", "nfe").agg(pl.col("diversity").mean().alias("mean_diversity"),
-                                                    pl.len().alias("prompts")).sort("calibration", "nfe")
+    summary = (
+        df.group_by("calibration", "nfe")
+        .agg(pl.col("diversity").mean().alias("mean_diversity"), pl.len().alias("prompts"))
+        .sort("calibration", "nfe")
+    )
     stage.summary(f"diversity: {df.height} prompt x setting rows")
-    return dg.MaterializeResult(metadata={"rows": df.height, "summary": table_md(summary),
-                                          "features": "EfficientNet-Lite0 (ImageNet), pooled"})
+    return dg.MaterializeResult(
+        metadata={"rows": df.height, "summary": table_md(summary), "features": "EfficientNet-Lite0 (ImageNet), pooled"}
+    )
 
 
-@dg.asset_check(asset=diversity, description="calibration did not collapse diversity (>= 50% of the baseline at the same NFE)")
+@dg.asset_check(
+    asset=diversity, description="calibration did not collapse diversity (>= 50% of the baseline at the same NFE)"
+)
 def diversity_not_collapsed(context: dg.AssetCheckExecutionContext, catalog: CatalogResource) -> dg.AssetCheckResult:
     df = catalog.catalog.query(
         "SELECT c.nfe, avg(c.diversity) AS calibrated, "
         "(SELECT avg(b.diversity) FROM diversity b WHERE b.run_key = c.run_key AND b.nfe = c.nfe AND b.calibration = 'baseline') AS baseline "
-        "FROM diversity c WHERE c.run_key = ? AND c.calibrated GROUP BY c.run_key, c.nfe", [check_run_key(context)])
+        "FROM diversity c WHERE c.run_key = ? AND c.calibrated GROUP BY c.run_key, c.nfe",
+        [check_run_key(context)],
+    )
     if df.height == 0 or df["baseline"].is_null().all():
-        return dg.AssetCheckResult(passed=False, metadata={"reason": "no calibrated and baseline diversity rows at one NFE"})
+        return dg.AssetCheckResult(
+            passed=False, metadata={"reason": "no calibrated and baseline diversity rows at one NFE"}
+        )
     bad = df.filter(df["calibrated"] < 0.5 * df["baseline"])
-    return dg.AssetCheckResult(passed=bad.height == 0, metadata={"nfe": df.height, "collapsed": bad.height, "table": table_md(df)})
+    return dg.AssetCheckResult(
+        passed=bad.height == 0, metadata={"nfe": df.height, "collapsed": bad.height, "table": table_md(df)}
+    )

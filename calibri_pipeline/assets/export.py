@@ -1,6 +1,5 @@
 """Stage 7: the calibration baked into stock diffusers checkpoints, and the paper's tables across partitions."""
 
-
 import dagster as dg
 
 from calibri_pipeline.assets.calibration import calibration, load_calibration
@@ -11,8 +10,12 @@ from calibri_pipeline.storage.paper_tables import paper_tables_from_catalog
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[calibration], kinds={"pytorch", "safetensors"})
-def calibrated_checkpoint(context: dg.AssetExecutionContext, catalog: CatalogResource, object_store: ObjectStoreResource,
-                          compute: ComputeResource) -> dg.MaterializeResult:
+def calibrated_checkpoint(
+    context: dg.AssetExecutionContext,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """The calibration baked into the transformer weights; stock diffusers ``from_pretrained`` loads it."""
     from calibri_pipeline.method.export import export_calibrated
 
@@ -22,12 +25,24 @@ def calibrated_checkpoint(context: dg.AssetExecutionContext, catalog: CatalogRes
     import json
 
     segments = json.loads(run["config"])["preset"].get("segments") or ()
-    manifest = export_calibrated(stage.backbone, run["granularity"], run["vector"], run["n_models"], stage.store, prefix,
-                                 extra={"run_id": run["run_id"], "reward": stage.reward, "model": stage.model},
-                                 segments=segments)
+    manifest = export_calibrated(
+        stage.backbone,
+        run["granularity"],
+        run["vector"],
+        run["n_models"],
+        stage.store,
+        prefix,
+        extra={"run_id": run["run_id"], "reward": stage.reward, "model": stage.model},
+        segments=segments,
+    )
     stage.summary(f"calibrated_checkpoint: {len(manifest['members'])} member(s) under {prefix}")
-    return dg.MaterializeResult(metadata={"uri": stage.store.uri(prefix), "files": len(manifest["files"]),
-                                          "members": dg.MetadataValue.json(manifest["members"])})
+    return dg.MaterializeResult(
+        metadata={
+            "uri": stage.store.uri(prefix),
+            "files": len(manifest["files"]),
+            "members": dg.MetadataValue.json(manifest["members"]),
+        }
+    )
 
 
 @dg.asset(group_name=GROUP, deps=[evaluation, diversity], kinds={"duckdb"})

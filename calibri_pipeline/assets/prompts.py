@@ -1,6 +1,5 @@
 """Stage 1: the prompt set and its text embeddings."""
 
-
 import json
 import time
 
@@ -11,8 +10,12 @@ from calibri_pipeline.resources import CatalogResource, ComputeResource, ObjectS
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, kinds={"python", "duckdb"})
-def prompts(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-            object_store: ObjectStoreResource) -> dg.MaterializeResult:
+def prompts(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+) -> dg.MaterializeResult:
     """Train / val / test prompts: the embedded world's grammar (optionally LLM-rewritten) or a prompt file."""
     import polars as pl
 
@@ -21,11 +24,16 @@ def prompts(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: C
     stage = Stage(context, config, catalog, object_store)
     prompt_list = build_prompt_set(stage.preset, llm_rewrite=config.llm_rewrite, log=stage.log)
     # specs go in as JSON text: a polars struct column would unify keys across rows (adding nulls)
-    rows = [dict(p.to_dict(), prompt_set=stage.run_key, spec=json.dumps(p.spec), meta=json.dumps(p.meta)) for p in prompt_list]
+    rows = [
+        dict(p.to_dict(), prompt_set=stage.run_key, spec=json.dumps(p.spec), meta=json.dumps(p.meta))
+        for p in prompt_list
+    ]
     df = pl.DataFrame(rows, schema_overrides={"spec": pl.String, "meta": pl.String})
     stage.catalog.replace("prompts", df, {"prompt_set": stage.run_key})
     summary = df.group_by("split", "category").len().sort("split", "category")
-    stage.summary(f"prompts: {len(prompt_list)} ({', '.join(f'{s} {n}' for s, n in df.group_by('split').len().sort('split').iter_rows())})")
+    stage.summary(
+        f"prompts: {len(prompt_list)} ({', '.join(f'{s} {n}' for s, n in df.group_by('split').len().sort('split').iter_rows())})"
+    )
     return dg.MaterializeResult(
         metadata={
             "rows": len(prompt_list),
@@ -38,8 +46,13 @@ def prompts(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: C
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompts], kinds={"pytorch", "safetensors"})
-def prompt_embeddings(context: dg.AssetExecutionContext, config: CalibriConfig, catalog: CatalogResource,
-                      object_store: ObjectStoreResource, compute: ComputeResource) -> dg.MaterializeResult:
+def prompt_embeddings(
+    context: dg.AssetExecutionContext,
+    config: CalibriConfig,
+    catalog: CatalogResource,
+    object_store: ObjectStoreResource,
+    compute: ComputeResource,
+) -> dg.MaterializeResult:
     """Text-encoder states of every prompt, computed once and cached in the object store (safetensors)."""
     stage = Stage(context, config, catalog, object_store, compute)
     texts = sorted({p.text for p in stage.prompts()} | {""})

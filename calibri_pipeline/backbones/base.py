@@ -79,6 +79,7 @@ class Backbone(Protocol):
 # Small shared helpers
 # --------------------------------------------------------------------------------------------
 
+
 def prompt_texts(prompts: Sequence[Prompt | str]) -> list[str]:
     """The texts of Prompt records (or strings); a clear error for anything else."""
     if isinstance(prompts, str):
@@ -281,8 +282,9 @@ class SamplingBackbone:
         """Inverse of :meth:`pack`."""
         return x
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None) -> torch.Tensor:
+    def model_fn(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *, guidance: float | None
+    ) -> torch.Tensor:
         """The raw transformer velocity of state ``x`` at noise levels ``sigma`` ``[M]``."""
         raise NotImplementedError
 

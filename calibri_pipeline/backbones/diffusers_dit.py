@@ -73,13 +73,24 @@ PIPELINE_ARCH = {
 ARCH_PIPELINE = {arch: cls for cls, arch in PIPELINE_ARCH.items()}
 
 # Scheduler options that flow_sigmas(steps, shift) cannot reproduce.
-_UNSUPPORTED_SCHEDULE = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                         "invert_sigmas", "stochastic_sampling")
+_UNSUPPORTED_SCHEDULE = (
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -157,8 +168,9 @@ def scheduler_shift(config: Mapping[str, Any], image_seq_len: int, max_shift_def
 # --------------------------------------------------------------------------------------------
 
 
-def fuse_lora(pipeline: Any, lora: str | Path | Mapping[str, torch.Tensor], *, scale: float = 1.0,
-              weight_name: str | None = None) -> Any:
+def fuse_lora(
+    pipeline: Any, lora: str | Path | Mapping[str, torch.Tensor], *, scale: float = 1.0, weight_name: str | None = None
+) -> Any:
     """Load a LoRA with the pipeline's ``load_lora_weights``, fuse it and drop the adapter layers.
 
     ``fuse_lora`` merges ``scale * B @ A`` into the base weights; ``unload_lora_weights`` then removes
@@ -177,8 +189,11 @@ def fuse_lora(pipeline: Any, lora: str | Path | Mapping[str, torch.Tensor], *, s
     adapter = "calibri_lora"
     kwargs = {"weight_name": weight_name} if weight_name else {}
     pipeline.load_lora_weights(lora, adapter_name=adapter, **kwargs)
-    components = [c for c in getattr(pipeline, "_lora_loadable_modules", ["transformer"])
-                  if getattr(pipeline, c, None) is not None]
+    components = [
+        c
+        for c in getattr(pipeline, "_lora_loadable_modules", ["transformer"])
+        if getattr(pipeline, c, None) is not None
+    ]
     pipeline.fuse_lora(components=components, lora_scale=float(scale), adapter_names=[adapter])
     pipeline.unload_lora_weights()
     leftover = [name for name, m in pipeline.transformer.named_modules() if hasattr(m, "lora_A")]
@@ -279,8 +294,10 @@ class DiffusersBackbone(SamplingBackbone):
         self.resolution = self._check_resolution(self.defaults.resolution if resolution is None else resolution)
         dtype = parse_dtype(dtype)
         if device is not None or dtype is not None:
-            pipeline.to(**({"device": torch.device(device)} if device is not None else {}),
-                        **({"dtype": dtype} if dtype is not None else {}))
+            pipeline.to(
+                **({"device": torch.device(device)} if device is not None else {}),
+                **({"dtype": dtype} if dtype is not None else {}),
+            )
         self.transformer = pipeline.transformer.eval().requires_grad_(False)
         self.vae = pipeline.vae.eval().requires_grad_(False)
         for module in self._text_encoders():
@@ -400,10 +417,22 @@ class DiffusersBackbone(SamplingBackbone):
                 "and its component folders)"
             ) from exc
         options.setdefault("name", Path(source).name)  # folder name, or the name part of owner/name
-        backbone = cls.from_pipeline(pipeline, arch=arch, lora=lora, lora_scale=lora_scale,
-                                     lora_weight_name=lora_weight_name, device=device, **options)
-        backbone.source = {"source": source, "revision": revision, "variant": variant,
-                           "lora": None if lora is None or isinstance(lora, Mapping) else str(lora), "lora_scale": lora_scale}
+        backbone = cls.from_pipeline(
+            pipeline,
+            arch=arch,
+            lora=lora,
+            lora_scale=lora_scale,
+            lora_weight_name=lora_weight_name,
+            device=device,
+            **options,
+        )
+        backbone.source = {
+            "source": source,
+            "revision": revision,
+            "variant": variant,
+            "lora": None if lora is None or isinstance(lora, Mapping) else str(lora),
+            "lora_scale": lora_scale,
+        }
         return backbone
 
     # -- properties ------------------------------------------------------------------------------
@@ -426,8 +455,10 @@ class DiffusersBackbone(SamplingBackbone):
 
     def __repr__(self) -> str:
         h, w = self.resolution
-        return (f"{type(self).__name__}(name={self.name!r}, {h}x{w}, steps={self.default_steps}, "
-                f"guidance={self.default_guidance}, cfg={self.uses_cfg}, device={self.device}, dtype={self.dtype})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, {h}x{w}, steps={self.default_steps}, "
+            f"guidance={self.default_guidance}, cfg={self.uses_cfg}, device={self.device}, dtype={self.dtype})"
+        )
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -502,8 +533,10 @@ class DiffusersBackbone(SamplingBackbone):
     def _check_resolution(self, resolution: int | Sequence[int]) -> tuple[int, int]:
         if isinstance(resolution, int) and not isinstance(resolution, bool):
             height = width = resolution
-        elif isinstance(resolution, Sequence) and len(resolution) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in resolution
+        elif (
+            isinstance(resolution, Sequence)
+            and len(resolution) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in resolution)
         ):
             height, width = resolution
         else:
@@ -534,8 +567,15 @@ class DiffusersBackbone(SamplingBackbone):
     def _encode_one(self, text: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+    def model_fn(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance: float | None,
+        resolution: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """The raw transformer velocity for packed latents ``x`` at noise levels ``sigma`` ``[M]``."""
         raise NotImplementedError
 
@@ -566,12 +606,18 @@ class DiffusersBackbone(SamplingBackbone):
     def identity(self) -> dict[str, Any]:
         if getattr(self, "_identity", None) is None:
             self._identity = {
-                "arch": self.arch, "source": getattr(self, "source", None),
-                "transformer": weights_fingerprint(self.transformer), "vae": weights_fingerprint(self.vae),
+                "arch": self.arch,
+                "source": getattr(self, "source", None),
+                "transformer": weights_fingerprint(self.transformer),
+                "vae": weights_fingerprint(self.vae),
                 "text_encoders": [weights_fingerprint(m) for m in self._text_encoders()],
-                "dtype": str(self.dtype), "device": self.device.type, "resolution": list(self.resolution),
-                "max_sequence_length": self.max_sequence_length, "shift": self.sigma_shift(),
-                "negative_prompt": self.negative_prompt, **self._identity_extra(),
+                "dtype": str(self.dtype),
+                "device": self.device.type,
+                "resolution": list(self.resolution),
+                "max_sequence_length": self.max_sequence_length,
+                "shift": self.sigma_shift(),
+                "negative_prompt": self.negative_prompt,
+                **self._identity_extra(),
             }
         return self._identity
 
@@ -582,7 +628,7 @@ class DiffusersBackbone(SamplingBackbone):
     def decode_images(self, latents: torch.Tensor) -> torch.Tensor:
         images = []
         for start in range(0, latents.shape[0], self.vae_batch):
-            decoded = self.decode(latents[start:start + self.vae_batch])
+            decoded = self.decode(latents[start : start + self.vae_batch])
             images.append(((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu())
         return torch.cat(images)
 
@@ -593,7 +639,9 @@ class DiffusersBackbone(SamplingBackbone):
             log.warning(
                 "%s: the scheduler config sets %s, which euler_sample's flow_sigmas(steps, shift=%.4g) does not "
                 "reproduce; images differ slightly from the stock pipeline's schedule",
-                self.name, used, self.sigma_shift(),
+                self.name,
+                used,
+                self.sigma_shift(),
             )
 
 
@@ -634,8 +682,15 @@ class FluxBackbone(DiffusersBackbone):
         )
         return {"states": states, "pooled": pooled}
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+    def model_fn(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance: float | None,
+        resolution: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         dtype = self.dtype
         h, w = self.latent_size(resolution or self.resolution)
         distilled = bool(self.transformer.config.guidance_embeds)
@@ -686,13 +741,24 @@ class SD3Backbone(DiffusersBackbone):
 
     def _encode_one(self, text: str) -> dict[str, torch.Tensor]:
         states, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=[text], prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            prompt=[text],
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"states": states, "pooled": pooled}
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+    def model_fn(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance: float | None,
+        resolution: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         dtype = self.dtype
         out = self.transformer(
             hidden_states=x.to(dtype),
@@ -797,8 +863,15 @@ class QwenImageBackbone(DiffusersBackbone):
     def _identity_extra(self) -> dict[str, Any]:
         return {"cfg_renorm": self.cfg_renorm}
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+    def model_fn(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance: float | None,
+        resolution: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         dtype = self.dtype
         h, w = self.latent_size(resolution or self.resolution)
         mask = cond["mask"]

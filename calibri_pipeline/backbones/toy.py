@@ -56,7 +56,11 @@ class ToyModelConfig:
             raise ValueError(
                 f"image_size ({self.image_size}) must be a positive multiple of patch_size ({self.patch_size})"
             )
-        if self.num_double_blocks < 0 or self.num_single_blocks < 0 or self.num_double_blocks + self.num_single_blocks < 1:
+        if (
+            self.num_double_blocks < 0
+            or self.num_single_blocks < 0
+            or self.num_double_blocks + self.num_single_blocks < 1
+        ):
             raise ValueError("the toy DiT needs at least one block (num_double_blocks + num_single_blocks >= 1)")
         if self.num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
@@ -246,15 +250,22 @@ class ToyBackbone(SamplingBackbone):
     def identity(self) -> dict[str, Any]:
         if self._fingerprint is None:
             self._fingerprint = weights_fingerprint(self.transformer)
-        return {"kind": "toy", "config": self.config.to_dict(), "weights": self._fingerprint,
-                "text_encoder": self.text_encoder.identity(), "dtype": str(self.dtype),
-                "device": self.device.type, "shift": self.shift}
+        return {
+            "kind": "toy",
+            "config": self.config.to_dict(),
+            "weights": self._fingerprint,
+            "text_encoder": self.text_encoder.identity(),
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+            "shift": self.shift,
+        }
 
     def image_shape(self) -> tuple[int, int, int]:
         return (3, self.config.image_size, self.config.image_size)
 
-    def model_fn(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *,
-                 guidance: float | None = None) -> torch.Tensor:
+    def model_fn(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor], *, guidance: float | None = None
+    ) -> torch.Tensor:
         """The raw transformer call (guidance is real two-pass CFG here, not an input)."""
         return toy_forward(self.transformer, self.config, x, sigma, cond["states"], cond["pooled"])
 

@@ -48,9 +48,15 @@ class Tuned:
 
     def to_dict(self) -> dict[str, Any]:
         vector = self.setting.vector
-        return {"name": self.name, "label": self.label, "val_mean": self.val_mean, "params": self.params,
-                "steps": self.setting.steps, "guidance": self.setting.guidance,
-                "vector": None if vector is None else [float(v) for v in torch.as_tensor(vector).reshape(-1)]}
+        return {
+            "name": self.name,
+            "label": self.label,
+            "val_mean": self.val_mean,
+            "params": self.params,
+            "steps": self.setting.steps,
+            "guidance": self.setting.guidance,
+            "vector": None if vector is None else [float(v) for v in torch.as_tensor(vector).reshape(-1)],
+        }
 
 
 def _best(result, reward: str) -> tuple[str, float]:
@@ -131,8 +137,12 @@ def tune_slg(
         for s in scales:
             label = f"skip {','.join(space.names[i] for i in skip)} x{s:g}"
             settings[label] = Setting(slg_vector(space, skip, g, s), steps=steps, guidance=g, search=search)
-            params[label] = {"skip": [int(i) for i in skip], "skip_names": [space.names[i] for i in skip],
-                             "scale": float(s), "guidance": g}
+            params[label] = {
+                "skip": [int(i) for i in skip],
+                "skip_names": [space.names[i] for i in skip],
+                "scale": float(s),
+                "guidance": g,
+            }
     result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference="cfg (no SLG)")
     reward = reward or evaluator.rewards[0].name
     label, mean = _best(result, reward)

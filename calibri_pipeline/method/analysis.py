@@ -136,16 +136,18 @@ def block_ablation(
     rows = []
     for k in range(space.size):
         diff = paired_difference_ci(scores[k + 1], scores[0], n_boot=n_boot, level=level, seed=bootstrap_seed)
-        rows.append({
-            "name": space.names[k],
-            "index": k,
-            "baseline_mean": float(scores[0].mean()),
-            "ablated_mean": float(scores[k + 1].mean()),
-            "delta": diff.mean,
-            "delta_low": diff.low,
-            "delta_high": diff.high,
-            "n_cells": diff.n,
-        })
+        rows.append(
+            {
+                "name": space.names[k],
+                "index": k,
+                "baseline_mean": float(scores[0].mean()),
+                "ablated_mean": float(scores[k + 1].mean()),
+                "delta": diff.mean,
+                "delta_low": diff.low,
+                "delta_high": diff.high,
+                "n_cells": diff.n,
+            }
+        )
     import polars as pl
 
     return AnalysisResult(
@@ -153,9 +155,14 @@ def block_ablation(
         pl.DataFrame(rows),
         {name: scores},
         cells,
-        {"reward": name, "steps": evaluator.sampling.steps, "guidance": evaluator.sampling.guidance,
-         "granularity": space.granularity, "level": level,
-         "title": f"{name}: change when each {space.granularity} is bypassed ({int(level * 100)}% CI)"},
+        {
+            "reward": name,
+            "steps": evaluator.sampling.steps,
+            "guidance": evaluator.sampling.guidance,
+            "granularity": space.granularity,
+            "level": level,
+            "title": f"{name}: change when each {space.granularity} is bypassed ({int(level * 100)}% CI)",
+        },
     )
 
 
@@ -194,16 +201,18 @@ def scale_sweep(
         for a in alphas:
             r = 0 if a == 1.0 else row_of[(k, a)]
             diff = paired_difference_ci(scores[r], scores[0], n_boot=n_boot, level=level, seed=bootstrap_seed)
-            rows.append({
-                "name": space.names[k],
-                "index": k,
-                "alpha": a,
-                "mean": float(scores[r].mean()),
-                "delta": diff.mean,
-                "delta_low": diff.low,
-                "delta_high": diff.high,
-                "n_cells": diff.n,
-            })
+            rows.append(
+                {
+                    "name": space.names[k],
+                    "index": k,
+                    "alpha": a,
+                    "mean": float(scores[r].mean()),
+                    "delta": diff.mean,
+                    "delta_low": diff.low,
+                    "delta_high": diff.high,
+                    "n_cells": diff.n,
+                }
+            )
     import polars as pl
 
     return AnalysisResult(
@@ -211,8 +220,14 @@ def scale_sweep(
         pl.DataFrame(rows),
         {name: scores},
         cells,
-        {"reward": name, "steps": evaluator.sampling.steps, "guidance": evaluator.sampling.guidance, "alphas": alphas,
-         "granularity": space.granularity, "title": f"{name}: change vs unmodified, one {space.granularity} scaled by alpha"},
+        {
+            "reward": name,
+            "steps": evaluator.sampling.steps,
+            "guidance": evaluator.sampling.guidance,
+            "alphas": alphas,
+            "granularity": space.granularity,
+            "title": f"{name}: change vs unmodified, one {space.granularity} scaled by alpha",
+        },
     )
 
 
@@ -305,8 +320,14 @@ def evaluate_settings(
                 keys[label] = result.keys[i]
 
     def paired(label: str, ref: str, reward: str):
-        return paired_difference_ci(per_label[label][reward], per_label[ref][reward], clusters=cluster_ids,
-                                    n_boot=n_boot, level=level, seed=bootstrap_seed)
+        return paired_difference_ci(
+            per_label[label][reward],
+            per_label[ref][reward],
+            clusters=cluster_ids,
+            n_boot=n_boot,
+            level=level,
+            seed=bootstrap_seed,
+        )
 
     rows = []
     for label in settings:
@@ -314,8 +335,17 @@ def evaluate_settings(
         for r in reward_list:
             values = per_label[label][r.name]
             ci = bootstrap_ci(values, clusters=cluster_ids, n_boot=n_boot, level=level, seed=bootstrap_seed)
-            row = {"label": label, "steps": steps, "guidance": guidance, "n_models": 0 if search is None else search.n_models,
-                   "reward": r.name, "mean": ci.mean, "ci_low": ci.low, "ci_high": ci.high, "n_cells": ci.n}
+            row = {
+                "label": label,
+                "steps": steps,
+                "guidance": guidance,
+                "n_models": 0 if search is None else search.n_models,
+                "reward": r.name,
+                "mean": ci.mean,
+                "ci_low": ci.low,
+                "ci_high": ci.high,
+                "n_cells": ci.n,
+            }
             if reference is not None:
                 diff = paired(label, reference, r.name)
                 row.update(delta=diff.mean, delta_low=diff.low, delta_high=diff.high)
@@ -327,8 +357,17 @@ def evaluate_settings(
                 continue
             for r in reward_list:
                 diff = paired(label, ref, r.name)
-                comparisons.append({"setting": label, "reference": ref, "reward": r.name, "delta": diff.mean,
-                                    "ci_low": diff.low, "ci_high": diff.high, "n": diff.n})
+                comparisons.append(
+                    {
+                        "setting": label,
+                        "reference": ref,
+                        "reward": r.name,
+                        "delta": diff.mean,
+                        "ci_low": diff.low,
+                        "ci_high": diff.high,
+                        "n": diff.n,
+                    }
+                )
     import polars as pl
 
     matrix = {r.name: np.stack([per_label[label][r.name] for label in settings]) for r in reward_list}
@@ -337,8 +376,16 @@ def evaluate_settings(
         pl.DataFrame(rows),
         matrix,
         cells,
-        {"labels": list(settings), "reference": reference, "level": level, "clusters": clusters,
-         "comparisons": comparisons, "keys": keys, "cell_prompts": cell_prompts, "cell_seeds": cell_seeds},
+        {
+            "labels": list(settings),
+            "reference": reference,
+            "level": level,
+            "clusters": clusters,
+            "comparisons": comparisons,
+            "keys": keys,
+            "cell_prompts": cell_prompts,
+            "cell_seeds": cell_seeds,
+        },
     )
 
 
@@ -372,8 +419,9 @@ def nfe_study(
         for label, vector in vectors.items()
         for steps in steps_list
     }
-    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, n_boot=n_boot, level=level,
-                               bootstrap_seed=bootstrap_seed)
+    result = evaluate_settings(
+        evaluator, settings, prompts, seeds=seeds, n_boot=n_boot, level=level, bootstrap_seed=bootstrap_seed
+    )
     import polars as pl
 
     label_of = {f"{label}@{steps}": label for label in vectors for steps in steps_list}
@@ -394,6 +442,7 @@ def nfe_study(
 
 def table_markdown(table: pl.DataFrame, digits: int = 4) -> str:
     """A GitHub-flavoured markdown table (floats rounded to ``digits``)."""
+
     def cell(v: Any) -> str:
         if v is None:
             return ""
@@ -426,7 +475,7 @@ def _short(name: str) -> str:
     """``single_transformer_blocks.3`` -> ``S3``; ``transformer_blocks.3.attn.image`` -> ``D3.attn.image``."""
     for prefix, tag in (("single_transformer_blocks.", "S"), ("transformer_blocks.", "D")):
         if name.startswith(prefix):
-            return tag + name[len(prefix):]
+            return tag + name[len(prefix) :]
     return name
 
 
@@ -488,7 +537,9 @@ def plot_nfe(table: pl.DataFrame, title: str | None = None) -> bytes:
             )
             steps = [r["steps"] for r in rows]
             line = ax.plot(steps, [r["mean"] for r in rows], marker="o", markersize=3, label=label)[0]
-            ax.fill_between(steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=line.get_color(), alpha=0.2)
+            ax.fill_between(
+                steps, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=line.get_color(), alpha=0.2
+            )
         all_steps = sorted(set(table["steps"].to_list()))
         if len(all_steps) <= 12:
             ax.set_xticks(all_steps)
@@ -540,10 +591,14 @@ def plot_search_history(generations: Sequence[Mapping[str, Any]], title: str | N
     top.plot(g, [r["train_best"] for r in generations], color="tab:blue", linewidth=1, label="bucket best (train)")
     val = [(r["generation"], r["val_score"]) for r in generations if r.get("val_score") is not None]
     if val:
-        top.plot([v[0] for v in val], [v[1] for v in val], color="tab:red", marker="o", markersize=3, label="validation")
+        top.plot(
+            [v[0] for v in val], [v[1] for v in val], color="tab:red", marker="o", markersize=3, label="validation"
+        )
         top.axhline(val[0][1], color="tab:red", linestyle=":", linewidth=1, label="validation baseline (x0)")
         best = [(r["generation"], r["val_score"]) for r in generations if r.get("val_is_best")]
-        top.scatter([b[0] for b in best], [b[1] for b in best], marker="*", s=60, color="black", zorder=3, label="new best")
+        top.scatter(
+            [b[0] for b in best], [b[1] for b in best], marker="*", s=60, color="black", zorder=3, label="new best"
+        )
     top.set_ylabel("fitness")
     top.legend(fontsize=7)
     top.grid(alpha=0.3)

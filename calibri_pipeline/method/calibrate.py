@@ -138,7 +138,9 @@ class RewardObjective:
             self._set_validation(validation_seeds(self.seed, len(self.val_base), seeds_per_prompt))
         return len(self.val_seeds)
 
-    def _scores(self, vectors: np.ndarray, prompts: Sequence[Prompt], seeds: Sequence[int], *, store: bool) -> PopulationScores:
+    def _scores(
+        self, vectors: np.ndarray, prompts: Sequence[Prompt], seeds: Sequence[int], *, store: bool
+    ) -> PopulationScores:
         per_reward = self.evaluator(np.asarray(vectors, dtype=np.float64), prompts, seeds, store=store).scores
         cells = np.zeros((len(vectors), len(prompts)), dtype=np.float64)
         for r in self.rewards:
@@ -312,11 +314,14 @@ def calibrate(
     config = config if config is not None else SearchConfig()
     search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg), segments=segments)
     layout = search.layout
-    sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=max_batch,
-                                memory_budget_mb=memory_budget_mb).resolved(backbone)
+    sampling = SamplingSettings(
+        steps=steps, guidance=guidance, max_batch=max_batch, memory_budget_mb=memory_budget_mb
+    ).resolved(backbone)
     x0 = search.x0(sampling.guidance).numpy().astype(np.float64)
     if warm_start is not None:
-        warm = np.asarray(warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64).reshape(-1)
+        warm = np.asarray(
+            warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64
+        ).reshape(-1)
         one = x0[: layout.search_size].copy()
         if warm.size == search.dimension:
             x0 = warm
@@ -344,13 +349,34 @@ def calibrate(
         names = coords.names(space.names)
         decode = coords.decode
     options = dict(cache=cache, model=model, progress=progress)
-    evaluator = (LocalEvaluator(backbone, search, rewards, sampling, **options) if pool is None
-                 else pool.evaluator(backbone, search, rewards, sampling, **options))
-    objective = RewardObjective(evaluator, train_prompts, val_prompts, reward_weights=reward_weights,
-                                val_seeds=val_seeds, seed=config.seed, per_prompt_seeds=val_seeds_per_prompt)
-    run = CalibrationRun(objective, x0, lower, upper, config, store=store, run_name=run_name,
-                         on_generation=on_generation, resume=resume, names=names, initial_stds=initial_stds,
-                         decode=(lambda z: np.array(decode(z))) if decode is not None else None)
+    evaluator = (
+        LocalEvaluator(backbone, search, rewards, sampling, **options)
+        if pool is None
+        else pool.evaluator(backbone, search, rewards, sampling, **options)
+    )
+    objective = RewardObjective(
+        evaluator,
+        train_prompts,
+        val_prompts,
+        reward_weights=reward_weights,
+        val_seeds=val_seeds,
+        seed=config.seed,
+        per_prompt_seeds=val_seeds_per_prompt,
+    )
+    run = CalibrationRun(
+        objective,
+        x0,
+        lower,
+        upper,
+        config,
+        store=store,
+        run_name=run_name,
+        on_generation=on_generation,
+        resume=resume,
+        names=names,
+        initial_stds=initial_stds,
+        decode=(lambda z: np.array(decode(z))) if decode is not None else None,
+    )
     result = run.run()
     return CalibrationResult(
         search=result,

@@ -165,8 +165,9 @@ class SearchSpace:
         object.__setattr__(self, "segments", seg)
 
     @classmethod
-    def for_model(cls, space: CalibrationSpace, n_models: int = 1, *, uses_cfg: bool,
-                  segments: Sequence[float] = ()) -> SearchSpace:
+    def for_model(
+        cls, space: CalibrationSpace, n_models: int = 1, *, uses_cfg: bool, segments: Sequence[float] = ()
+    ) -> SearchSpace:
         """The one place a layout is made from a calibration space and a backbone's guidance kind."""
         return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)), tuple(segments))
 
@@ -204,11 +205,16 @@ class SearchSpace:
     def segment(self, vectors: torch.Tensor, index: int) -> torch.Tensor:
         """The paper-layout vectors ``[N, layout.search_size]`` of one part of the schedule."""
         d = self.layout.search_size
-        return vectors[..., index * d:(index + 1) * d]
+        return vectors[..., index * d : (index + 1) * d]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"granularity": self.granularity, "names": list(self.space.names), "n_models": self.n_models,
-                "cfg": self.layout.cfg, "segments": list(self.segments)}
+        return {
+            "granularity": self.granularity,
+            "names": list(self.space.names),
+            "n_models": self.n_models,
+            "cfg": self.layout.cfg,
+            "segments": list(self.segments),
+        }
 
     def check(self, vectors: Any, n: int | None = None) -> torch.Tensor:
         """``[D]`` or ``[N, D]`` numbers -> float32 ``[N, D]`` on the CPU; one clear error otherwise.
@@ -275,7 +281,7 @@ class GuidanceCoordinates:
     def names(self, coefficient_names: Sequence[str]) -> list[str]:
         per = self.layout.names(coefficient_names)
         w = self.layout.n_models * self.layout.size
-        per = per[:w] + ["guidance", "scale"] + per[w + 2:]
+        per = per[:w] + ["guidance", "scale"] + per[w + 2 :]
         if self.n_segments == 1:
             return per
         return [f"t{j}/{n}" for j in range(self.n_segments) for n in per]

@@ -43,14 +43,18 @@ def fold_output_weight(transformer: torch.nn.Module, weight: float) -> None:
             proj.bias.mul_(weight)
 
 
-def baked_members(transformer: torch.nn.Module, granularity: str, vector: Sequence[float], n_models: int,
-                  uses_cfg: bool) -> tuple[str, dict[str, torch.nn.Module]]:
+def baked_members(
+    transformer: torch.nn.Module, granularity: str, vector: Sequence[float], n_models: int, uses_cfg: bool
+) -> tuple[str, dict[str, torch.nn.Module]]:
     """(mode, {member name: baked copy of the transformer})."""
     space = CalibrationSpace.from_transformer(transformer, granularity)
     layout = EnsembleLayout(space.size, n_models, cfg=uses_cfg)
     coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
-    names = {"single": ["model"], "cfg": ["cond", "uncond"] + [f"cond{i}" for i in range(2, n_models)],
-             "ensemble": [f"model{i}" for i in range(n_models)]}[layout.mode]
+    names = {
+        "single": ["model"],
+        "cfg": ["cond", "uncond"] + [f"cond{i}" for i in range(2, n_models)],
+        "ensemble": [f"model{i}" for i in range(n_models)],
+    }[layout.mode]
     members = {}
     for m, name in enumerate(names):
         member = copy.deepcopy(transformer)
@@ -60,8 +64,16 @@ def baked_members(transformer: torch.nn.Module, granularity: str, vector: Sequen
     return layout.mode, members
 
 
-def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_models: int, store, prefix: str,
-                      extra: dict[str, Any] | None = None, segments: Sequence[float] = ()) -> dict[str, Any]:
+def export_calibrated(
+    backbone,
+    granularity: str,
+    vector: Sequence[float],
+    n_models: int,
+    store,
+    prefix: str,
+    extra: dict[str, Any] | None = None,
+    segments: Sequence[float] = (),
+) -> dict[str, Any]:
     """Bake, ``save_pretrained`` each member, upload to ``store`` under ``prefix``; returns the manifest.
 
     With ``segments`` (time-dependent coefficients) nothing can be baked: the coefficient schedule is
@@ -71,16 +83,28 @@ def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_mod
         space = CalibrationSpace.from_transformer(backbone.transformer, granularity)
         layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
         if len(vector) != (len(segments) + 1) * layout.search_size:
-            raise ValueError(f"a schedule of {len(segments) + 1} parts needs {(len(segments) + 1) * layout.search_size} "
-                             f"numbers, got {len(vector)}")
-        schedule = {"segments": [float(t) for t in segments], "vector": [float(v) for v in vector],
-                    "granularity": granularity, "n_models": n_models, "names": list(space.names),
-                    "class": type(backbone.transformer).__name__}
+            raise ValueError(
+                f"a schedule of {len(segments) + 1} parts needs {(len(segments) + 1) * layout.search_size} "
+                f"numbers, got {len(vector)}"
+            )
+        schedule = {
+            "segments": [float(t) for t in segments],
+            "vector": [float(v) for v in vector],
+            "granularity": granularity,
+            "n_models": n_models,
+            "names": list(space.names),
+            "class": type(backbone.transformer).__name__,
+        }
         key = f"{prefix}/calibri_schedule.json"
         store.put_bytes(key, json.dumps(schedule, indent=2).encode())
-        manifest = {"mode": "schedule", "members": [], "files": [key], "combine":
-                    "time-dependent coefficients: apply calibri_schedule.json with the sampler (SearchSpace segments)",
-                    **schedule, **(extra or {})}
+        manifest = {
+            "mode": "schedule",
+            "members": [],
+            "files": [key],
+            "combine": "time-dependent coefficients: apply calibri_schedule.json with the sampler (SearchSpace segments)",
+            **schedule,
+            **(extra or {}),
+        }
         store.put_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
         return manifest
     mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
@@ -88,7 +112,9 @@ def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_mod
     with tempfile.TemporaryDirectory() as tmp:
         for name, member in members.items():
             if not hasattr(member, "save_pretrained"):
-                raise TypeError(f"{type(member).__name__} has no save_pretrained: only diffusers models can be exported")
+                raise TypeError(
+                    f"{type(member).__name__} has no save_pretrained: only diffusers models can be exported"
+                )
             member.save_pretrained(Path(tmp) / name, safe_serialization=True)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
@@ -98,9 +124,11 @@ def export_calibrated(backbone, granularity: str, vector: Sequence[float], n_mod
     manifest = {
         "mode": mode,
         "members": list(members),
-        "combine": {"single": "use `model` like the original transformer",
-                    "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt) (+ cond2 ... with the prompt)",
-                    "ensemble": "velocity = sum of every member's output"}[mode],
+        "combine": {
+            "single": "use `model` like the original transformer",
+            "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt) (+ cond2 ... with the prompt)",
+            "ensemble": "velocity = sum of every member's output",
+        }[mode],
         "class": type(backbone.transformer).__name__,
         "granularity": granularity,
         "n_models": n_models,

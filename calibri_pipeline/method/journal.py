@@ -85,7 +85,9 @@ class RunJournal:
         for g in range(int(manifest["generations_done"])):
             record = json.loads(self.store.load(self._generation_name(g)))
             if record["generation"] != g:
-                raise ValueError(f"stored generation file {self._generation_name(g)} holds generation {record['generation']}")
+                raise ValueError(
+                    f"stored generation file {self._generation_name(g)} holds generation {record['generation']}"
+                )
             records.append(record)
         return {"manifest": manifest, "generations": records}
 

@@ -224,8 +224,12 @@ def _digest(value: Any) -> str:
 def vector_digest(search: SearchSpace, vector: torch.Tensor) -> str:
     """Identity of one checked vector in its search space (layout and coefficient names included)."""
     h = hashlib.sha256()
-    h.update(json.dumps([search.granularity, search.space.names, search.layout.n_models, search.layout.cfg]
-                        + ([list(search.segments)] if search.segments else [])).encode())
+    h.update(
+        json.dumps(
+            [search.granularity, search.space.names, search.layout.n_models, search.layout.cfg]
+            + ([list(search.segments)] if search.segments else [])
+        ).encode()
+    )
     h.update(vector.to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -273,7 +277,9 @@ class ImageJob:
         return self.prompt.text if hasattr(self.prompt, "text") else str(self.prompt)
 
 
-def image_key(identity: Mapping[str, Any], text: str, seed: int, steps: int, guidance: float | None, vector_id: str) -> str:
+def image_key(
+    identity: Mapping[str, Any], text: str, seed: int, steps: int, guidance: float | None, vector_id: str
+) -> str:
     """The cache key of an image: everything that determines it, hashed."""
     return _digest([SAMPLER_VERSION, dict(identity), text, int(seed), int(steps), guidance, vector_id])[:40]
 
@@ -490,7 +496,9 @@ class PopulationEvaluator:
         images: dict[str, torch.Tensor] = dict(found)
         if found:
             hit_jobs = [next(j for j in jobs if j.key == k) for k in found]
-            hit_scores = score_images(self.rewards, torch.stack([found[j.key] for j in hit_jobs]), [j.prompt for j in hit_jobs])
+            hit_scores = score_images(
+                self.rewards, torch.stack([found[j.key] for j in hit_jobs]), [j.prompt for j in hit_jobs]
+            )
             for i, j in enumerate(hit_jobs):
                 per_key[j.key] = {name: float(v[i]) for name, v in hit_scores.items()}
         if missing:
@@ -503,12 +511,23 @@ class PopulationEvaluator:
                 images.update({j.key: img for j, img in zip(todo, made_images)})
             if self.cache is not None and store:
                 ident = _digest(self.identity)[:12]
-                self.cache.put([
-                    CachedImage(j.key, images[j.key], self.model, ident, j.prompt, j.seed, self.sampling.steps,
-                                j.guidance if j.guidance is not None else self.sampling.guidance, j.vector_id,
-                                None if j.vector is None else [float(v) for v in j.vector])
-                    for j in todo
-                ])
+                self.cache.put(
+                    [
+                        CachedImage(
+                            j.key,
+                            images[j.key],
+                            self.model,
+                            ident,
+                            j.prompt,
+                            j.seed,
+                            self.sampling.steps,
+                            j.guidance if j.guidance is not None else self.sampling.guidance,
+                            j.vector_id,
+                            None if j.vector is None else [float(v) for v in j.vector],
+                        )
+                        for j in todo
+                    ]
+                )
         scores = {r.name: np.array([per_key[j.key][r.name] for j in jobs], dtype=np.float64) for r in self.rewards}
         kept = torch.stack([images[j.key] for j in jobs]) if keep_images else None
         return scores, kept, len(missing)
@@ -549,8 +568,14 @@ def make_and_score(
         vectors = torch.stack([j.vector for j in group]) if calibrated else None
         group_settings = settings if calibrated or kind[1] is None else settings.with_(guidance=kind[1])
         batch = resolve_max_batch(backbone, group_search, group[0].prompt, group_settings)
-        images = backbone.sample([j.text for j in group], [j.seed for j in group], group_settings.with_(max_batch=batch),
-                                 group_search, vectors, progress=progress)
+        images = backbone.sample(
+            [j.text for j in group],
+            [j.seed for j in group],
+            group_settings.with_(max_batch=batch),
+            group_search,
+            vectors,
+            progress=progress,
+        )
         for i, img in zip(index, images):
             out[i] = img
     images = quantize_8bit(torch.stack(out))
@@ -629,8 +654,14 @@ def evaluate_population_loop(
         candidates = list(_as_search(backbone, space, n_models).check(vectors))
     for vector in candidates:
         images = backbone.generate(
-            list(prompts), seeds, steps=steps, guidance=guidance, space=space if vector is not None else None,
-            vectors=vector, n_models=n_models, max_batch=max_batch,
+            list(prompts),
+            seeds,
+            steps=steps,
+            guidance=guidance,
+            space=space if vector is not None else None,
+            vectors=vector,
+            n_models=n_models,
+            max_batch=max_batch,
         )
         for name, scores in score_images(rewards, quantize_8bit(images), prompts).items():
             rows[name].append(scores)

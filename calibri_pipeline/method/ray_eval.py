@@ -58,7 +58,11 @@ BackboneFactory = Callable[[], "Backbone"]
 
 
 def connect_ray(
-    address: str | None = "local", *, num_cpus: int | None = None, num_gpus: int | None = None, temp_dir: str | None = None
+    address: str | None = "local",
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    temp_dir: str | None = None,
 ) -> bool:
     """Make sure this process is connected to Ray; return True when this call started the connection.
 
@@ -122,9 +126,13 @@ class PopulationWorker:
         import ray
 
         device = next(self.backbone.transformer.parameters()).device
-        return {"pid": os.getpid(), "device": str(device), "threads": torch.get_num_threads(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "backbone": getattr(self.backbone, "name", type(self.backbone).__name__)}
+        return {
+            "pid": os.getpid(),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "backbone": getattr(self.backbone, "name", type(self.backbone).__name__),
+        }
 
     def _space(self, granularity: str, names: Sequence[str]) -> CalibrationSpace:
         if granularity not in self._spaces:
@@ -158,7 +166,9 @@ class PopulationWorker:
         vectors = request["vectors"]
         jobs = [
             ImageJob(prompt, seed, None if vectors[i] is None else torch.from_numpy(vectors[i]), "", "", guidance)
-            for i, (prompt, seed, guidance) in enumerate(zip(request["prompts"], request["seeds"], request["guidances"]))
+            for i, (prompt, seed, guidance) in enumerate(
+                zip(request["prompts"], request["seeds"], request["guidances"])
+            )
         ]
         scores, images = make_and_score(self.backbone, search, jobs, request["sampling"], rewards)
         uint8 = None if not request["want_images"] else (images * 255.0).round().to(torch.uint8).numpy()
@@ -212,9 +222,14 @@ class RayWorkerPool:
         temp_dir: str | None = None,
     ) -> None:
         if not callable(backbone_factory):
-            raise TypeError(f"backbone_factory must be a callable that builds a backbone, got {type(backbone_factory).__name__}")
-        for name, value in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker),
-                            ("chunks_per_worker", chunks_per_worker)):
+            raise TypeError(
+                f"backbone_factory must be a callable that builds a backbone, got {type(backbone_factory).__name__}"
+            )
+        for name, value in (
+            ("n_workers", n_workers),
+            ("threads_per_worker", threads_per_worker),
+            ("chunks_per_worker", chunks_per_worker),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
@@ -244,7 +259,10 @@ class RayWorkerPool:
             self.gpus_per_worker = float(gpus_per_worker)
             self._check_capacity(resources)
             self._actor_class = ray.remote(PopulationWorker).options(
-                num_cpus=threads_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0,
+                num_cpus=threads_per_worker,
+                num_gpus=self.gpus_per_worker,
+                max_restarts=0,
+                max_task_retries=0,
             )
             self._workers = [self._spawn() for _ in range(n_workers)]
             self.worker_info: list[dict[str, Any]] = self._wait_ready(range(n_workers), start_timeout_s)
@@ -370,11 +388,15 @@ class RayWorkerPool:
         started = time.perf_counter()
         reward_key, reward_holder = self._rewards_ref(list(rewards))
         common = {
-            "reward_key": reward_key, "rewards": reward_holder, "sampling": sampling, "want_images": want_images,
+            "reward_key": reward_key,
+            "rewards": reward_holder,
+            "sampling": sampling,
+            "want_images": want_images,
             "granularity": None if search is None else search.granularity,
             "names": None if search is None else list(search.space.names),
-            "layout": None if search is None else {
-                "size": search.layout.size, "n_models": search.layout.n_models, "cfg": search.layout.cfg},
+            "layout": None
+            if search is None
+            else {"size": search.layout.size, "n_models": search.layout.n_models, "cfg": search.layout.cfg},
             "segments": None if search is None else list(search.segments),
         }
         n_images = len(jobs)
@@ -383,9 +405,13 @@ class RayWorkerPool:
 
         def request(chunk: int) -> dict[str, Any]:
             part = jobs[int(bounds[chunk]) : int(bounds[chunk + 1])]
-            return dict(common, prompts=[j.prompt for j in part], seeds=[j.seed for j in part],
-                        guidances=[j.guidance for j in part],
-                        vectors=[None if j.vector is None else j.vector.numpy() for j in part])
+            return dict(
+                common,
+                prompts=[j.prompt for j in part],
+                seeds=[j.seed for j in part],
+                guidances=[j.guidance for j in part],
+                vectors=[None if j.vector is None else j.vector.numpy() for j in part],
+            )
 
         def done(chunk: int) -> None:
             if progress is not None:
@@ -420,7 +446,11 @@ class RayWorkerPool:
             try:
                 results[chunk] = ray.get(ready)
                 done(chunk)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
+            except (
+                ray.exceptions.RayActorError,
+                ray.exceptions.WorkerCrashedError,
+                ray.exceptions.NodeDiedError,
+            ) as exc:
                 attempts[chunk] += 1
                 if attempts[chunk] > self.max_retries:
                     raise RuntimeError(
@@ -438,15 +468,26 @@ class RayPopulationEvaluator(PopulationEvaluator):
     """A :class:`~calibri_pipeline.method.population.PopulationEvaluator` whose images are made on a
     :class:`RayWorkerPool` (build it with :meth:`RayWorkerPool.evaluator`)."""
 
-    def __init__(self, backbone: Backbone, search: SearchSpace | None, rewards: Any,
-                 sampling: SamplingSettings | None = None, *, pool: RayWorkerPool, **options: Any) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        search: SearchSpace | None,
+        rewards: Any,
+        sampling: SamplingSettings | None = None,
+        *,
+        pool: RayWorkerPool,
+        **options: Any,
+    ) -> None:
         super().__init__(backbone, search, rewards, sampling, **options)
         self.pool = pool
 
-    def _make(self, jobs: Sequence[ImageJob], *, want_images: bool, bar: Any) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
+    def _make(
+        self, jobs: Sequence[ImageJob], *, want_images: bool, bar: Any
+    ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
         progress = (lambda k: bar.update(k)) if bar is not None else None
-        return self.pool.make_and_score(jobs, self.search, self.sampling, self.rewards, want_images=want_images,
-                                        progress=progress)
+        return self.pool.make_and_score(
+            jobs, self.search, self.sampling, self.rewards, want_images=want_images, progress=progress
+        )
 
 
 __all__ = ["RayWorkerPool", "RayPopulationEvaluator", "PoolStats", "PopulationWorker", "connect_ray"]

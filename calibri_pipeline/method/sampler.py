@@ -115,9 +115,7 @@ def make_velocity_fn(
         if search.n_segments > 1:  # time-dependent: the part of the schedule this step's noise level is in
             vec = search.segment(vec, search.segment_of(float(sigma[0])))
         passes = layout.passes(vec, guidance)
-        batch_cond = {
-            key: torch.cat([conds[kind][key] for kind, _, _ in passes]) for key in conds["cond"]
-        }
+        batch_cond = {key: torch.cat([conds[kind][key] for kind, _, _ in passes]) for key in conds["cond"]}
         coefficients = torch.cat([c for _, c, _ in passes])
         k = len(passes)
         with search.space.scaled(transformer, coefficients):

@@ -353,8 +353,16 @@ def confirm_choice(cells: np.ndarray, labels: Sequence[str], level: float) -> di
         d = cells[i] - cells[0]
         se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
         gain = float(d.mean())
-        rows.append({"label": label, "mean": float(cells[i].mean()), "gain": gain, "se": se,
-                     "lower": gain - z * se, "qualifies": bool(i > 0 and gain - z * se > 0)})
+        rows.append(
+            {
+                "label": label,
+                "mean": float(cells[i].mean()),
+                "gain": gain,
+                "se": se,
+                "lower": gain - z * se,
+                "qualifies": bool(i > 0 and gain - z * se > 0),
+            }
+        )
     winners = [i for i, r in enumerate(rows) if r["qualifies"]]
     chosen = max(winners, key=lambda i: rows[i]["gain"]) if winners else 0
     return {"rows": rows, "chosen": chosen, "z": z, "level": level, "images": int(cells.shape[1])}
@@ -392,7 +400,9 @@ class _PrivateNumpyRandom:
     def digest(self) -> bytes:
         kind, keys, pos, has_gauss, cached = self._state
         return hashlib.sha256(
-            kind.encode() + np.asarray(keys, dtype=np.uint32).tobytes() + np.array([pos, has_gauss], np.int64).tobytes()
+            kind.encode()
+            + np.asarray(keys, dtype=np.uint32).tobytes()
+            + np.array([pos, has_gauss], np.int64).tobytes()
             + np.float64(cached).tobytes()
         ).digest()
 
@@ -407,7 +417,9 @@ def _strategy_digest(es: Any, rng: _PrivateNumpyRandom) -> str:
         np.asarray(es.mean, dtype=np.float64).tobytes(),
         np.float64(es.sigma).tobytes(),
         # the full sampler keeps C; the separable one (CMA_diagonal) a constant sampler and per-coordinate scales
-        np.asarray(getattr(es.sm, "C", None) if hasattr(es.sm, "C") else es.sm.covariance_matrix, dtype=np.float64).tobytes(),
+        np.asarray(
+            getattr(es.sm, "C", None) if hasattr(es.sm, "C") else es.sm.covariance_matrix, dtype=np.float64
+        ).tobytes(),
         np.asarray(getattr(getattr(es, "sigma_vec", None), "scaling", 1.0), dtype=np.float64).tobytes(),
         np.asarray(es.pc, dtype=np.float64).tobytes(),
         np.asarray(getattr(es.adapt_sigma, "ps", np.zeros(1)), dtype=np.float64).tobytes(),
@@ -501,7 +513,9 @@ class CalibrationRun:
         if d < 1:
             raise ValueError("x0 must have at least one coordinate")
         if self.lower.size != d or self.upper.size != d:
-            raise ValueError(f"bounds must have {d} entries like x0, got lower={self.lower.size}, upper={self.upper.size}")
+            raise ValueError(
+                f"bounds must have {d} entries like x0, got lower={self.lower.size}, upper={self.upper.size}"
+            )
         if not np.all(np.isfinite(self.x0)):
             raise ValueError("x0 contains NaN or infinite values")
         if not np.all(self.lower < self.upper):
@@ -590,7 +604,9 @@ class CalibrationRun:
                 es.inject([es.boundary_handler.inverse(self.x0.copy())], force=True)
             return es.ask()
 
-    def _tell(self, es: Any, rng: _PrivateNumpyRandom, candidates: list[np.ndarray], fitness: np.ndarray) -> dict[str, Any]:
+    def _tell(
+        self, es: Any, rng: _PrivateNumpyRandom, candidates: list[np.ndarray], fitness: np.ndarray
+    ) -> dict[str, Any]:
         with rng.active():
             es.tell(candidates, [-float(f) for f in fitness])  # pycma minimises
             stop = es.stop() if self.config.honor_cma_stop else {}
@@ -693,7 +709,9 @@ class CalibrationRun:
         bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
         scores = self.objective.train(self._decoded(population), bucket)
         if scores.fitness.shape != (len(asked),):
-            raise ValueError(f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates")
+            raise ValueError(
+                f"objective.train returned {scores.fitness.shape} fitness values for {len(asked)} candidates"
+            )
         told = self._tell(es, rng, asked, scores.fitness)
         sigmas = log.sigmas + [told["sigma"]]
         done = generation + 1
@@ -751,7 +769,9 @@ class CalibrationRun:
         x0 = self._decoded(self.x0[None])
         means = [float(scores.fitness[0])]  # candidate 0 of generation 0 is x0 (injected)
         for b in range(1, cfg.probe_buckets + 1):
-            bucket = make_bucket(cfg.seed, 0, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt, probe=b)
+            bucket = make_bucket(
+                cfg.seed, 0, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt, probe=b
+            )
             means.append(float(self.objective.train(x0, bucket).fitness[0]))
         report = measure_noise(scores.cells, 0, means)
         if cfg.target_gain is not None:

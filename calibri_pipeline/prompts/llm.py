@@ -367,4 +367,3 @@ def generate_topic_prompts(
                 out.append(by_topic[topic][depth])
         depth += 1
     return out
-

@@ -37,9 +37,7 @@ class ComputeResource(dg.ConfigurableResource):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="model weights and activations dtype"
     )
-    threads: int | None = Field(
-        default=None, description="torch CPU threads for the step (None: torch's default)"
-    )
+    threads: int | None = Field(default=None, description="torch CPU threads for the step (None: torch's default)")
 
     @field_validator("device")
     @classmethod
@@ -69,10 +67,14 @@ class ComputeResource(dg.ConfigurableResource):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise RuntimeError(f"compute device {self.device!r} requested but CUDA is not available here; use device='cpu' or 'auto'")
+                raise RuntimeError(
+                    f"compute device {self.device!r} requested but CUDA is not available here; use device='cpu' or 'auto'"
+                )
             index = torch.device(self.device).index
             if index is not None and index >= torch.cuda.device_count():
-                raise RuntimeError(f"compute device {self.device!r}: only {torch.cuda.device_count()} CUDA devices visible")
+                raise RuntimeError(
+                    f"compute device {self.device!r}: only {torch.cuda.device_count()} CUDA devices visible"
+                )
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:

@@ -46,7 +46,9 @@ class RayResource(dg.ConfigurableResource):
         if not value:
             return None
         if not (value in ("local", "auto") or value.startswith("ray://") or ":" in value):
-            raise ValueError(f"Ray address {value!r} is not one of None, 'local', 'auto', 'host:port', 'ray://host:port'")
+            raise ValueError(
+                f"Ray address {value!r} is not one of None, 'local', 'auto', 'host:port', 'ray://host:port'"
+            )
         if "@" in value:
             raise ValueError("the Ray address must not carry credentials; use RAY_AUTH_TOKEN in the environment")
         return value

@@ -155,7 +155,8 @@ class RewardHTTPServer(ThreadingHTTPServer):
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="calibri serve-reward", description="Serve one calibri reward over HTTP (also: python -m calibri_pipeline.rewards.server)."
+        prog="calibri serve-reward",
+        description="Serve one calibri reward over HTTP (also: python -m calibri_pipeline.rewards.server).",
     )
     parser.add_argument("--reward", required=True, help="a make_reward spec: name, 'pkg.module:attr' or weighted sum")
     parser.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments for the reward")

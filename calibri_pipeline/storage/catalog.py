@@ -87,8 +87,16 @@ TABLES: dict[str, Table] = {
             "prompts",
             "Every prompt of every prompt set, with the structured spec it came from.",
             (
-                Column("prompt_set", "VARCHAR", "name of the set (`world`, `hpdv3`, `t2i-compbench` ...)", True, "'default'"),
-                Column("prompt_id", "VARCHAR", "`Prompt.prompt_id`: hash of text and spec, stable across machines", True),
+                Column(
+                    "prompt_set",
+                    "VARCHAR",
+                    "name of the set (`world`, `hpdv3`, `t2i-compbench` ...)",
+                    True,
+                    "'default'",
+                ),
+                Column(
+                    "prompt_id", "VARCHAR", "`Prompt.prompt_id`: hash of text and spec, stable across machines", True
+                ),
                 Column("text", "VARCHAR", "the prompt text", True),
                 Column("spec", "JSON", "structured spec (the embedded world's scene), NULL for free text"),
                 Column("category", "VARCHAR", "category (e.g. T2I-CompBench++ `color`, `spatial`)"),
@@ -110,7 +118,9 @@ TABLES: dict[str, Table] = {
                 Column("seed", "BIGINT", "initial-noise seed", True),
                 Column("steps", "INTEGER", "sampling steps (NFE per image without CFG)", True),
                 Column("guidance", "DOUBLE", "guidance scale (NULL for guidance-free models)"),
-                Column("calibration", "VARCHAR", "`baseline`, or the `calibration_runs.run_id` applied", True, "'baseline'"),
+                Column(
+                    "calibration", "VARCHAR", "`baseline`, or the `calibration_runs.run_id` applied", True, "'baseline'"
+                ),
                 Column("uri", "VARCHAR", "object-store URI of the PNG (`file://...` or `s3://...`)", True),
                 Column("width", "INTEGER", "pixels"),
                 Column("height", "INTEGER", "pixels"),
@@ -122,15 +132,27 @@ TABLES: dict[str, Table] = {
             "image_cache",
             "Every image the pipeline sampled once, keyed by what determines it; assets reuse these.",
             (
-                Column("image_key", "VARCHAR", "hash of backbone identity, prompt text, seed, steps, guidance and vector", True),
+                Column(
+                    "image_key",
+                    "VARCHAR",
+                    "hash of backbone identity, prompt text, seed, steps, guidance and vector",
+                    True,
+                ),
                 Column("model", "VARCHAR", "model key", True),
-                Column("identity", "VARCHAR", "digest of the backbone's identity (checkpoint, dtype, device kind, sampler)", True),
+                Column(
+                    "identity",
+                    "VARCHAR",
+                    "digest of the backbone's identity (checkpoint, dtype, device kind, sampler)",
+                    True,
+                ),
                 Column("prompt_id", "VARCHAR", "-> `prompts.prompt_id`", True),
                 Column("text", "VARCHAR", "the prompt text the image was sampled for", True),
                 Column("seed", "BIGINT", "initial-noise seed", True),
                 Column("steps", "INTEGER", "sampling steps", True),
                 Column("guidance", "DOUBLE", "guidance scale (NULL for guidance-free models)"),
-                Column("vector_id", "VARCHAR", "`baseline` (the unmodified model) or the Calibri vector's digest", True),
+                Column(
+                    "vector_id", "VARCHAR", "`baseline` (the unmodified model) or the Calibri vector's digest", True
+                ),
                 Column("vector", "DOUBLE[]", "the Calibri vector, NULL for the unmodified model"),
                 Column("uri", "VARCHAR", "object-store URI of the PNG", True),
                 Column("width", "INTEGER", "pixels"),
@@ -145,7 +167,13 @@ TABLES: dict[str, Table] = {
             (
                 Column("run_key", "VARCHAR", _RUN_KEY, True),
                 Column("image_id", "VARCHAR", "-> `images.image_id`", True),
-                Column("calibration", "VARCHAR", "`baseline` or the `calibration_runs.run_id` (as on the image)", True, "'baseline'"),
+                Column(
+                    "calibration",
+                    "VARCHAR",
+                    "`baseline` or the `calibration_runs.run_id` (as on the image)",
+                    True,
+                    "'baseline'",
+                ),
                 Column("reward", "VARCHAR", "reward name", True),
                 Column("score", "DOUBLE", "reward value (higher is better unless the reward says otherwise)", True),
                 _created_at(),
@@ -227,7 +255,9 @@ TABLES: dict[str, Table] = {
                 Column("run_id", "VARCHAR", "-> `calibration_runs.run_id`", True),
                 Column("generation", "INTEGER", "0-based generation", True),
                 Column("sigma", "DOUBLE", "CMA-ES step size after the generation", True),
-                Column("best_fitness", "DOUBLE", "best candidate fitness (mean reward on its bucket; higher is better)"),
+                Column(
+                    "best_fitness", "DOUBLE", "best candidate fitness (mean reward on its bucket; higher is better)"
+                ),
                 Column("mean_fitness", "DOUBLE", "mean fitness over the population"),
                 Column("worst_fitness", "DOUBLE", "worst candidate fitness"),
                 Column("val_score", "DOUBLE", "validation reward of the generation's best, NULL when not validated"),
@@ -259,7 +289,13 @@ TABLES: dict[str, Table] = {
                 Column("reward", "VARCHAR", "reward measured", True),
                 Column("calibrated", "BOOLEAN", "whether Calibri coefficients were applied", True),
                 Column("calibration", "VARCHAR", "`baseline` or the `calibration_runs.run_id`", True, "'baseline'"),
-                Column("setting", "VARCHAR", "what was sampled: `baseline`, `calibri`, or an alternative (`guidance-tuned`, `slg-tuned` ...)", True, "'baseline'"),
+                Column(
+                    "setting",
+                    "VARCHAR",
+                    "what was sampled: `baseline`, `calibri`, or an alternative (`guidance-tuned`, `slg-tuned` ...)",
+                    True,
+                    "'baseline'",
+                ),
                 Column("guidance", "DOUBLE", "guidance scale used (NULL: the model's default or none)"),
                 Column("prompt_set", "VARCHAR", "prompts evaluated on (`world:test`, `hpdv3` ...)"),
                 Column("nfe", "INTEGER", "sampling steps", True),
@@ -282,7 +318,11 @@ TABLES: dict[str, Table] = {
                 Column("label", "VARCHAR", "the chosen grid point", True),
                 Column("steps", "INTEGER", "sampling steps it was tuned at", True),
                 Column("guidance", "DOUBLE", "guidance scale of the chosen setting"),
-                Column("vector", "DOUBLE[]", "its Calibri vector (skip-layer guidance as a 3-member ensemble), NULL for the unmodified model"),
+                Column(
+                    "vector",
+                    "DOUBLE[]",
+                    "its Calibri vector (skip-layer guidance as a 3-member ensemble), NULL for the unmodified model",
+                ),
                 Column("params", "JSON", "what was chosen (guidance; blocks skipped and scale)"),
                 Column("val_mean", "DOUBLE", "validation mean reward of the chosen setting", True),
                 Column("grid", "JSON", "every grid point: label, mean, CI, paired delta to the untuned model"),
@@ -343,12 +383,19 @@ def _schema_doc() -> str:
         "",
         f"One DuckDB file (schema version {SCHEMA_VERSION}). Rows are replaced by partition: re-materializing",
         "an asset partition deletes the rows with its replace key and inserts the new ones in one",
-        "transaction. Query it with `calibri sql \"SELECT ...\"` (read-only).",
+        'transaction. Query it with `calibri sql "SELECT ..."` (read-only).',
         "",
     ]
     for table in TABLES.values():
         keys = ", ".join(f"`{k}`" for k in table.replace_key)
-        lines += [f"### `{table.name}`", "", f"{table.doc} Replaced by: {keys}.", "", "| column | type | meaning |", "|---|---|---|"]
+        lines += [
+            f"### `{table.name}`",
+            "",
+            f"{table.doc} Replaced by: {keys}.",
+            "",
+            "| column | type | meaning |",
+            "|---|---|---|",
+        ]
         for col in table.columns:
             sql_type = col.sql_type + (" NOT NULL" if col.not_null else "")
             lines.append(f"| `{col.name}` | {sql_type} | {col.doc} |")
@@ -589,7 +636,9 @@ class Catalog:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
                 if isinstance(e, duckdb.Error):
-                    raise CatalogError(f"replace into {spec.name} where {dict(where)} failed; nothing changed: {e}") from e
+                    raise CatalogError(
+                        f"replace into {spec.name} where {dict(where)} failed; nothing changed: {e}"
+                    ) from e
                 raise
         return ReplaceResult(deleted=int(deleted), inserted=int(inserted))
 
@@ -629,7 +678,9 @@ class Catalog:
         # failed INSERT the aborted transaction would turn unregister into a second error).
         con.register("calibri_incoming", arrow)
         columns = ", ".join(f'"{c}"' for c in arrow.column_names)
-        (count,) = con.execute(f'INSERT INTO "{spec.name}" ({columns}) SELECT {columns} FROM calibri_incoming').fetchone()
+        (count,) = con.execute(
+            f'INSERT INTO "{spec.name}" ({columns}) SELECT {columns} FROM calibri_incoming'
+        ).fetchone()
         return int(count)
 
     @staticmethod
@@ -645,9 +696,13 @@ class Catalog:
         conditions, params = [], []
         for column, value in where.items():
             if column not in spec.column_names:
-                raise ValueError(f"where column {column!r} is not in table {spec.name}; columns are {spec.column_names}")
+                raise ValueError(
+                    f"where column {column!r} is not in table {spec.name}; columns are {spec.column_names}"
+                )
             if not isinstance(value, _WHERE_TYPES):
-                raise TypeError(f"where value for {column!r} must be str, int, float, bool or None, got {type(value).__name__}")
+                raise TypeError(
+                    f"where value for {column!r} must be str, int, float, bool or None, got {type(value).__name__}"
+                )
             if value is None:
                 conditions.append(f'"{column}" IS NULL')
             else:
@@ -666,11 +721,17 @@ class Catalog:
             if column not in df.columns:
                 df = df.with_columns(pl.lit(value).alias(column))
                 continue
-            outside = pl.col(column).is_not_null() if value is None else (pl.col(column).is_null() | (pl.col(column) != value))
+            outside = (
+                pl.col(column).is_not_null()
+                if value is None
+                else (pl.col(column).is_null() | (pl.col(column) != value))
+            )
             try:
                 n_outside = df.select(outside.sum()).item()
             except pl.exceptions.PolarsError as e:
-                raise TypeError(f"column {column!r} ({df.schema[column]}) cannot be compared with where value {value!r}: {e}") from e
+                raise TypeError(
+                    f"column {column!r} ({df.schema[column]}) cannot be compared with where value {value!r}: {e}"
+                ) from e
             if n_outside:
                 raise ValueError(
                     f"{n_outside} rows of the DataFrame have {column} != {value!r}; rows written for a "

@@ -33,8 +33,10 @@ def _guidance_tag(guidance: float | None) -> str:
 
 def cache_object_key(item: CachedImage) -> str:
     setting = "baseline" if item.vector_id == "baseline" else f"v-{item.vector_id[:16]}"
-    return (f"images/{item.model}/{item.identity}/{setting}/nfe{item.steps}/{_guidance_tag(item.guidance)}/"
-            f"{item.prompt.prompt_id}_{item.seed}.png")
+    return (
+        f"images/{item.model}/{item.identity}/{setting}/nfe{item.steps}/{_guidance_tag(item.guidance)}/"
+        f"{item.prompt.prompt_id}_{item.seed}.png"
+    )
 
 
 def read_png_tensor(store: ObjectStore, uri: str) -> torch.Tensor:
@@ -75,12 +77,23 @@ class StoredImageCache:
             if item.model != self.model:
                 raise ValueError(f"this cache holds images of model {self.model!r}, got one of {item.model!r}")
             uri = self.store.put_png(cache_object_key(item), item.image)
-            rows.append(dict(
-                image_key=item.key, model=item.model, identity=item.identity, prompt_id=item.prompt.prompt_id,
-                text=getattr(item.prompt, "text", str(item.prompt)), seed=int(item.seed), steps=int(item.steps),
-                guidance=None if item.guidance is None else float(item.guidance), vector_id=item.vector_id,
-                vector=item.vector, uri=uri, width=int(item.image.shape[-1]), height=int(item.image.shape[-2]),
-            ))
+            rows.append(
+                dict(
+                    image_key=item.key,
+                    model=item.model,
+                    identity=item.identity,
+                    prompt_id=item.prompt.prompt_id,
+                    text=getattr(item.prompt, "text", str(item.prompt)),
+                    seed=int(item.seed),
+                    steps=int(item.steps),
+                    guidance=None if item.guidance is None else float(item.guidance),
+                    vector_id=item.vector_id,
+                    vector=item.vector,
+                    uri=uri,
+                    width=int(item.image.shape[-1]),
+                    height=int(item.image.shape[-2]),
+                )
+            )
         if not rows:
             return
         df = pl.DataFrame(rows, schema_overrides={"vector": pl.List(pl.Float64), "guidance": pl.Float64})

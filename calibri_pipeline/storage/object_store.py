@@ -168,7 +168,7 @@ class ObjectStore:
         root_uri = self.url.rstrip("/") + "/"
         if not isinstance(uri, str) or not uri.startswith(root_uri):
             raise ValueError(f"URI {uri!r} is not inside object store {self.url!r}")
-        return validate_key(uri[len(root_uri):])
+        return validate_key(uri[len(root_uri) :])
 
     # -- bytes ------------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes) -> str:
@@ -218,7 +218,7 @@ class ObjectStore:
             path = path.replace(os.sep, "/") if self.is_local else path
             if not path.startswith(base):
                 continue
-            key = path[len(base):]
+            key = path[len(base) :]
             # Skip temporary files of writes in flight and anything else we could not have written.
             if any(seg.startswith(".") for seg in key.split("/")):
                 continue
@@ -405,4 +405,3 @@ def _to_pil(image: Any, key: str) -> Image.Image:
         array = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
     # Pillow infers L / RGB / RGBA from the shape of a uint8 array.
     return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
-

@@ -18,7 +18,9 @@ def paper_tables_from_catalog(cat) -> dict:
     - table6: table2 plus mean per-prompt diversity;
     - table7: per model, which reward was optimised (``-`` = baseline) against every evaluation reward.
     """
-    runs = cat.query("SELECT model, reward AS optimised, run_id, config FROM calibration_runs WHERE status = 'finished'")
+    runs = cat.query(
+        "SELECT model, reward AS optimised, run_id, config FROM calibration_runs WHERE status = 'finished'"
+    )
     if runs.height == 0:
         return {}
     steps = runs.with_columns(
@@ -26,21 +28,36 @@ def paper_tables_from_catalog(cat) -> dict:
         pl.col("config").str.json_path_match("$.preset.calibration_steps").cast(pl.Int64).alias("low_nfe"),
     ).drop("config")
     evals = cat.query("SELECT run_key, model, reward, calibrated, setting, nfe, mean FROM evaluations").with_columns(
-        pl.col("run_key").str.split("|").list.get(1).alias("optimised"))
+        pl.col("run_key").str.split("|").list.get(1).alias("optimised")
+    )
     joined = evals.join(steps, on=["model", "optimised"])
     # the paper's rows: the unmodified model at its default NFE, Calibri at the calibration NFE
     # (the tuned alternatives are evaluations too, shown by `calibri tables headline`)
     baseline = (pl.col("setting") == "baseline") & ~pl.col("calibrated") & (pl.col("nfe") == pl.col("default_nfe"))
     picked = joined.filter(baseline | (pl.col("calibrated") & (pl.col("nfe") == pl.col("low_nfe"))))
     wide = picked.pivot(on="reward", index=["model", "optimised", "calibrated", "nfe"], values="mean").sort(
-        "model", "optimised", "calibrated")
-    table2 = wide.with_columns(pl.when(pl.col("calibrated")).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("calibri"))
-    div = cat.query("SELECT run_key, calibrated, nfe, avg(diversity) AS diversity FROM diversity GROUP BY ALL").with_columns(
-        pl.col("run_key").str.split("|").list.get(0).alias("model"), pl.col("run_key").str.split("|").list.get(1).alias("optimised"),
-    ).drop("run_key")
+        "model", "optimised", "calibrated"
+    )
+    table2 = wide.with_columns(
+        pl.when(pl.col("calibrated")).then(pl.lit("yes")).otherwise(pl.lit("no")).alias("calibri")
+    )
+    div = (
+        cat.query("SELECT run_key, calibrated, nfe, avg(diversity) AS diversity FROM diversity GROUP BY ALL")
+        .with_columns(
+            pl.col("run_key").str.split("|").list.get(0).alias("model"),
+            pl.col("run_key").str.split("|").list.get(1).alias("optimised"),
+        )
+        .drop("run_key")
+    )
     table6 = table2.join(div, on=["model", "optimised", "calibrated", "nfe"], how="left")
-    baseline = table2.filter(~pl.col("calibrated")).unique(subset=["model"], keep="first").with_columns(pl.lit("-").alias("optimised"))
-    table7 = pl.concat([baseline, table2.filter(pl.col("calibrated"))], how="diagonal_relaxed").sort("model", "calibrated")
+    baseline = (
+        table2.filter(~pl.col("calibrated"))
+        .unique(subset=["model"], keep="first")
+        .with_columns(pl.lit("-").alias("optimised"))
+    )
+    table7 = pl.concat([baseline, table2.filter(pl.col("calibrated"))], how="diagonal_relaxed").sort(
+        "model", "calibrated"
+    )
     return {"table2": _ordered(table2), "table6": _ordered(table6), "table7": _ordered(table7)}
 
 

@@ -123,7 +123,9 @@ def evaluate_toy(
     guidance = backbone.default_guidance if guidance is None else float(guidance)
     table = EvalTable(guidance=guidance, split=split, seed=int(seed))
     for steps in steps_list:
-        images = backbone.generate(prompts, seeds, steps=steps, guidance=guidance, max_batch=max_batch, progress=progress)
+        images = backbone.generate(
+            prompts, seeds, steps=steps, guidance=guidance, max_batch=max_batch, progress=progress
+        )
         scores = score_images(images, [p.spec for p in prompts])
         by_cat: dict[str, list[dict[str, Any]]] = {}
         for p, s in zip(prompts, scores):
@@ -190,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="calibri eval-toy", description="Held-out accuracy of the toy backbone.")
     p.add_argument("--weights", type=Path, default=None, help="checkpoint directory (default: the shipped one)")
     p.add_argument("--n-per-category", type=int, default=100)
-    p.add_argument("--steps", type=str, default=",".join(map(str, DEFAULT_STEPS_LIST)), help="comma-separated step counts")
+    p.add_argument(
+        "--steps", type=str, default=",".join(map(str, DEFAULT_STEPS_LIST)), help="comma-separated step counts"
+    )
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("val", "test"), default="test")
@@ -216,7 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         table = evaluate_toy(
-            backbone, args.n_per_category, steps_list, args.guidance, args.seed, split=args.split, progress=args.progress
+            backbone,
+            args.n_per_category,
+            steps_list,
+            args.guidance,
+            args.seed,
+            split=args.split,
+            progress=args.progress,
         )
     except ValueError as exc:
         print(f"calibri eval-toy: {exc}", file=sys.stderr)

@@ -123,7 +123,9 @@ class ToyTrainConfig:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
+            raise ValueError(
+                f"need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.caption_dropout < 1:
@@ -135,15 +137,22 @@ class ToyTrainConfig:
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device must be 'cpu' or a CUDA device like 'cuda' / 'cuda:0', got {self.device!r}") from exc
+            raise ValueError(
+                f"device must be 'cpu' or a CUDA device like 'cuda' / 'cuda:0', got {self.device!r}"
+            ) from exc
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or a CUDA device, got {self.device!r}")
         if self.eval_per_category < 0:
-            raise ValueError(f"eval_per_category must be >= 0 (0 skips the final evaluation), got {self.eval_per_category}")
+            raise ValueError(
+                f"eval_per_category must be >= 0 (0 skips the final evaluation), got {self.eval_per_category}"
+            )
         from calibri_pipeline.training.data import world_categories
 
         allowed = set(world_categories())
-        for name, mapping in (("category_weights", self.category_weights), ("pool_per_category", self.pool_per_category)):
+        for name, mapping in (
+            ("category_weights", self.category_weights),
+            ("pool_per_category", self.pool_per_category),
+        ):
             unknown = set(mapping) - allowed
             if unknown:
                 raise ValueError(f"{name} has unknown categories {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -318,8 +327,12 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
             # compilation happens on the first call: try it on a dummy batch (no RNG used, grads dropped)
             b, s = config.batch_size, config.model.image_size
             dummy = toy_forward(
-                compiled, config.model, torch.zeros(b, 3, s, s, device=device), torch.full((b,), 0.5, device=device),
-                torch.zeros(b, config.model.text_max_length, 384, device=device), torch.zeros(b, 384, device=device),
+                compiled,
+                config.model,
+                torch.zeros(b, 3, s, s, device=device),
+                torch.full((b,), 0.5, device=device),
+                torch.zeros(b, config.model.text_max_length, 384, device=device),
+                torch.zeros(b, 384, device=device),
             )
             dummy.sum().backward()
             model.zero_grad(set_to_none=True)
@@ -348,9 +361,15 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         1 for p in encoded.prompts if len(encoder.tokenizer(p.text)["input_ids"]) > config.model.text_max_length
     )
     if truncated:
-        log(f"[train-toy] warning: {truncated} prompts are longer than {config.model.text_max_length} tokens (truncated)")
+        log(
+            f"[train-toy] warning: {truncated} prompts are longer than {config.model.text_max_length} tokens (truncated)"
+        )
     stream = WorldBatchStream(
-        encoded, config.category_weights, config.batch_size, config.caption_dropout, config.seed,
+        encoded,
+        config.category_weights,
+        config.batch_size,
+        config.caption_dropout,
+        config.seed,
         workers=config.data_workers,
     )
     noise_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)
@@ -413,7 +432,11 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         save_weights_atomic(out / WEIGHTS_FILE, ema_state(), {"format": FORMAT, "weights": "ema", "step": str(step)})
         write_json_atomic(out / CONFIG_FILE, checkpoint_config(config), mode=CHECKPOINT_FILE_MODE)
         if not final:
-            write_json_atomic(out / METRICS_FILE, _metrics(config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, "running", None), mode=CHECKPOINT_FILE_MODE)
+            write_json_atomic(
+                out / METRICS_FILE,
+                _metrics(config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, "running", None),
+                mode=CHECKPOINT_FILE_MODE,
+            )
 
     try:
         while step < config.steps:
@@ -461,7 +484,9 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
                 remaining = (config.steps - step) / rate
                 if budget_s is not None:
                     remaining = min(remaining, budget_s - done)
-                curve.append({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": done})
+                curve.append(
+                    {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm), "elapsed_s": done}
+                )
                 log(
                     f"[train-toy] step {step}/{config.steps} loss {mean_loss:.4f} lr {lr:.2e} "
                     f"gnorm {float(grad_norm):.2f} {rate:.2f} steps/s elapsed {_fmt_time(done)} ETA {_fmt_time(remaining)}"
@@ -485,8 +510,10 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         from calibri_pipeline.training.evaluate_toy import evaluate_toy
 
         backbone = load_toy_backbone(out, text_encoder=encoder, device=device)
-        log(f"[train-toy] held-out evaluation: {config.eval_per_category} test prompts per category, "
-            f"{config.eval_steps} steps, guidance {config.eval_guidance:g}")
+        log(
+            f"[train-toy] held-out evaluation: {config.eval_per_category} test prompts per category, "
+            f"{config.eval_steps} steps, guidance {config.eval_guidance:g}"
+        )
         table = evaluate_toy(
             backbone,
             n_per_category=config.eval_per_category,
@@ -497,7 +524,9 @@ def train_toy(config: ToyTrainConfig, out_dir: str | Path, progress: bool = True
         )
         final_eval = table.to_dict()
         log(table.to_markdown())
-    metrics = _metrics(config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, stop_reason, final_eval)
+    metrics = _metrics(
+        config, n_params, step, time.time() - t_start, setup_s, curve, cat_losses, stop_reason, final_eval
+    )
     metrics["train_seconds"] = train_s
     metrics["device"] = _device_name(device)
     metrics["text_encoder_path"] = encoder.model_path
@@ -551,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="calibri train-toy",
         description="Train the embedded toy DiT on the procedural world (rectified flow matching, MiniLM text).",
     )
-    p.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, training_metrics.json)")
+    p.add_argument(
+        "--out", required=True, help="output directory (config.json, model.safetensors, training_metrics.json)"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time (lr follows it)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -564,20 +595,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0 = torch default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--device", default=d.device, help="cpu (default) or a CUDA device, e.g. cuda")
-    p.add_argument("--data-workers", type=int, default=d.data_workers,
-                   help="processes rendering training images ahead of the model (0 = none; use several on a GPU)")
+    p.add_argument(
+        "--data-workers",
+        type=int,
+        default=d.data_workers,
+        help="processes rendering training images ahead of the model (0 = none; use several on a GPU)",
+    )
     p.add_argument("--double-blocks", type=int, default=m.num_double_blocks)
     p.add_argument("--single-blocks", type=int, default=m.num_single_blocks)
     p.add_argument("--heads", type=int, default=m.num_heads)
     p.add_argument("--head-dim", type=int, default=m.head_dim)
     p.add_argument("--patch-size", type=int, default=m.patch_size)
     p.add_argument(
-        "--pool-per-category", type=int, default=None,
+        "--pool-per-category",
+        type=int,
+        default=None,
         help="cap on distinct training prompts per category (default: the config's per-category pool sizes)",
     )
     p.add_argument("--eval-per-category", type=int, default=d.eval_per_category, help="0 skips the final evaluation")
     p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--init-from", default=None, help="warm start from this toy checkpoint directory (same architecture)")
+    p.add_argument(
+        "--init-from", default=None, help="warm start from this toy checkpoint directory (same architecture)"
+    )
     p.add_argument("--config", type=Path, default=None, help="JSON file with ToyTrainConfig fields (flags override)")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -600,9 +639,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if getattr(args, flag) != getattr(defaults, flag) or key not in model:
             model[key] = getattr(args, flag)
-    for flag in ("steps", "max_minutes", "batch_size", "lr", "warmup_steps", "ema_decay", "caption_dropout",
-                 "t_sampling", "seed", "threads", "eval_per_category", "log_every", "compile", "init_from",
-                 "device", "data_workers"):
+    for flag in (
+        "steps",
+        "max_minutes",
+        "batch_size",
+        "lr",
+        "warmup_steps",
+        "ema_decay",
+        "caption_dropout",
+        "t_sampling",
+        "seed",
+        "threads",
+        "eval_per_category",
+        "log_every",
+        "compile",
+        "init_from",
+        "device",
+        "data_workers",
+    ):
         if getattr(args, flag) != getattr(defaults, flag) or flag not in base:
             base[flag] = getattr(args, flag)
     base["model"] = model

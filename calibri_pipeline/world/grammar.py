@@ -146,14 +146,32 @@ def phrase_spec(spec: dict[str, Any], rng: np.random.Generator) -> str:
         return _frame(body, plural, rng)
     if category in ("color_binding", "size"):
         a, b = (_noun_phrase(o, rng) for o in objs)
-        join = _choice(rng, {"{} and {}": 6, "{} next to {}": 2, "{} together with {}": 1, "{} with {}": 1,
-                             "{} beside {}": 1, "{} as well as {}": 1, "two shapes: {} and {}": 1})
+        join = _choice(
+            rng,
+            {
+                "{} and {}": 6,
+                "{} next to {}": 2,
+                "{} together with {}": 1,
+                "{} with {}": 1,
+                "{} beside {}": 1,
+                "{} as well as {}": 1,
+                "two shapes: {} and {}": 1,
+            },
+        )
         # "there is a red circle and a blue square", but "there are two shapes: ..."
         return _frame(join.format(a, b), join.startswith("two"), rng)
     if category == "multi":
         a, b, c = (_noun_phrase(o, rng) for o in objs)
-        join = _choice(rng, {"{}, {} and {}": 5, "{}, {}, and {}": 2, "three shapes: {}, {} and {}": 1,
-                             "{} next to {} and {}": 1, "{}, {} as well as {}": 1})
+        join = _choice(
+            rng,
+            {
+                "{}, {} and {}": 5,
+                "{}, {}, and {}": 2,
+                "three shapes: {}, {} and {}": 1,
+                "{} next to {} and {}": 1,
+                "{}, {} as well as {}": 1,
+            },
+        )
         return _frame(join.format(a, b, c), join.startswith("three"), rng)
     if category == "spatial":
         rel = spec["relation"]

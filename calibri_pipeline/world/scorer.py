@@ -162,7 +162,11 @@ def _fit_shapes(coverage: np.ndarray, box: tuple[int, int, int, int]) -> tuple[d
     options = []
     for lo_side, hi_side, lo, hi, axis in ((x0, x1, y0, y1, "x"), (y0, y1, x0, x1, "y")):
         lows, highs = [lo_side], [hi_side]
-        strip = (lambda i, lo=lo, hi=hi: coverage[lo:hi, i]) if axis == "x" else (lambda i, lo=lo, hi=hi: coverage[i, lo:hi])
+        strip = (
+            (lambda i, lo=lo, hi=hi: coverage[lo:hi, i])
+            if axis == "x"
+            else (lambda i, lo=lo, hi=hi: coverage[i, lo:hi])
+        )
         if lo_side > 0 and strip(lo_side - 1).max() >= TIP_COVERAGE:
             lows.append(lo_side - 1)
         limit = w if axis == "x" else h
@@ -227,6 +231,7 @@ def _analyse(images255: np.ndarray) -> _Analysis:
 
 def _analyse_chunk(images255: np.ndarray) -> _Analysis:
     from scipy import ndimage  # imported here: scipy costs ~0.5 s, and importing the world must stay light
+
     n, size = images255.shape[0], images255.shape[1]
     scale = size / IMAGE_SIZE
     min_area = max(1, int(round(MIN_AREA * scale * scale)))

@@ -60,9 +60,7 @@ def validate_scorer(n_per_category: int = 200, seed: int = 0) -> dict[str, Any]:
     truth = score_images(images, specs)
     seconds = time.perf_counter() - start
     report: dict[str, Any] = {"n_images": len(specs), "seconds_per_1000_images": 1000 * seconds / len(specs)}
-    report["ground_truth"] = {
-        c: _means([r for r in truth if r["category"] == c]) for c in CATEGORIES
-    }
+    report["ground_truth"] = {c: _means([r for r in truth if r["category"] == c]) for c in CATEGORIES}
     rng = np.random.default_rng(seed + 1)
     shape = (len(specs), IMAGE_SIZE, IMAGE_SIZE, 3)
     report["uniform_noise"] = _means(score_images(rng.random(shape).astype(np.float32), specs))
