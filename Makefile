@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/calibri demo
 
+# lint, format check and the import-layering contracts first (seconds), then the suite with its slowest tests listed
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/pytest -q --durations=15
 
 # The UI over the same Dagster instance and catalog the demo wrote to (DAGSTER_HOME=.calibri/dagster_home).
 # `calibri dev` runs `dg dev` so that Ctrl-C or SIGTERM stops it with all its processes, also as a
