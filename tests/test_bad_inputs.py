@@ -793,6 +793,12 @@ def test_the_table_has_enough_distinct_cases() -> None:
     assert len(CASES) >= 15 and len({c.id for c in CASES}) == len(CASES)
 
 
+def test_the_readme_shows_this_table() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for line in markdown_table().strip().splitlines():
+        assert line in readme, line
+
+
 #: `calibri demo` with a bad choice, run as a command: (id, arguments, words its one stderr line must hold)
 DEMO_BAD_CHOICES = [
     ("unknown-preset", ["--preset", "flux-turbo"], ["unknown preset", "'flux-turbo'", "embedded-default"]),
