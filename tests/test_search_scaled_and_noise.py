@@ -127,10 +127,11 @@ def test_noise_report_separates_paired_noise_from_the_population_spread():
     assert measure_noise(cells[:, :4], 0, [0.7]).reliability < report.reliability  # 4 images: mostly noise
 
 
-def test_validation_is_sized_so_two_standard_errors_fit_in_the_gain():
-    # (2 * 0.2 / 0.02)^2 = 400 images over 50 prompts -> 8 seeds, capped at 4
-    assert validation_seeds_needed(0.2, 0.02, 50, max_seeds=16) == 8
+def test_validation_is_sized_so_three_standard_errors_fit_in_the_gain():
+    # (3 * 0.2 / 0.02)^2 = 900 images over 50 prompts -> 18 seeds, capped at 16 or 4
+    assert validation_seeds_needed(0.2, 0.02, 50, max_seeds=32) == 18
     assert validation_seeds_needed(0.2, 0.02, 50, max_seeds=4) == 4
+    assert validation_seeds_needed(0.2, 0.02, 50, max_seeds=32, z=2.0) == 8  # (2 * 0.2 / 0.02)^2 = 400
     assert validation_seeds_needed(0.01, 0.02, 50, max_seeds=4) == 1
     assert validation_seeds_needed(0.0, 0.02, 50, max_seeds=4) == 1
 

@@ -66,8 +66,8 @@ class SearchConfig:
     - noise (off by default): ``probe_buckets > 0`` scores x0 on that many extra buckets at
       generation 0 and measures the fitness noise against the spread of the first population
       (:class:`NoiseReport`, kept with the run); with ``target_gain`` it then sizes validation to
-      up to ``max_val_seeds`` seeds per prompt, so that twice the standard error of a paired
-      validation difference stays below the gain sought.
+      up to ``max_val_seeds`` seeds per prompt, so that three standard errors of a paired
+      validation difference fit in the gain sought.
     - ``confirm_top > 0``: before returning, x0, the ``confirm_top`` best validated vectors and the
       final mean are re-scored on fresh seeds (``objective.confirm``); a vector replaces x0 only if
       its paired gain over x0 there has a one-sided lower confidence bound above 0 at
@@ -328,8 +328,12 @@ def measure_noise(population_cells: np.ndarray, x0_index: int, x0_bucket_means: 
     )
 
 
-def validation_seeds_needed(pair_sd: float, target_gain: float, n_prompts: int, max_seeds: int, z: float = 2.0) -> int:
-    """Seeds per validation prompt so that ``z`` standard errors of a paired difference fit in ``target_gain``."""
+def validation_seeds_needed(pair_sd: float, target_gain: float, n_prompts: int, max_seeds: int, z: float = 3.0) -> int:
+    """Seeds per validation prompt so that ``z`` standard errors of a paired difference fit in ``target_gain``.
+
+    ``z = 3``: the confirmation accepts a gain only when its lower bound (about 2 standard errors
+    below it) clears 0, so a true gain of ``target_gain`` must be 3 standard errors to pass reliably.
+    """
     if pair_sd <= 0:
         return 1
     images = math.ceil((z * pair_sd / target_gain) ** 2)
