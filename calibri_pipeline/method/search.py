@@ -336,7 +336,7 @@ def validation_seeds_needed(pair_sd: float, target_gain: float, n_prompts: int, 
     """
     if pair_sd <= 0:
         return 1
-    images = math.ceil((z * pair_sd / target_gain) ** 2)
+    images = math.ceil((z * pair_sd / target_gain) ** 2 - 1e-9)  # 900.0000001 is 900 images
     return int(min(max_seeds, max(1, math.ceil(images / max(1, n_prompts)))))
 
 
