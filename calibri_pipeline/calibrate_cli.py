@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference=references["baseline"],
         references=references,
     )
-    evals, comparisons = evaluation_frames(evaluated, "calibri")
+    carried = search.effective_guidance(result.vector)
+    evals, comparisons = evaluation_frames(evaluated, "calibri", carried[0] if carried else arguments["guidance"])
     stage("evaluation", t0)
 
     headline = headline_table(evals, comparisons, reward_name, low, preset.default_steps)

@@ -21,18 +21,24 @@ def _fmt(mean: float | None, low: float | None, high: float | None) -> str:
 SETTING_TAGS = {"baseline": "baseline", "guidance-tuned": "guidance-tuned", "slg-tuned": "slg-tuned"}
 
 
-def evaluation_frames(result, calibri_tag: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def evaluation_frames(
+    result, calibri_tag: str, calibri_guidance: float | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``evaluate_settings`` output (labels ``name@steps``) as the catalog's ``evaluations`` and
-    ``comparisons`` rows (without their partition columns)."""
+    ``comparisons`` rows (without their partition columns). ``calibri_guidance``: the guidance the
+    calibrated vector itself carries (the CFG ensemble's weights), shown instead of the sampler's."""
     table = result.table
     names = table["label"].str.split("@").list.get(0)
     tag = pl.when(names == "calibri").then(pl.lit(calibri_tag)).otherwise(names.replace(SETTING_TAGS))
+    guidance = pl.col("guidance").cast(pl.Float64)
+    if calibri_guidance is not None:
+        guidance = pl.when(names == "calibri").then(pl.lit(float(calibri_guidance))).otherwise(guidance)
     evals = table.select(
         pl.col("reward"),
         (names == "calibri").alias("calibrated"),
         tag.alias("calibration"),
         names.alias("setting"),
-        pl.col("guidance").cast(pl.Float64),
+        guidance.alias("guidance"),
         pl.col("steps").cast(pl.Int32).alias("nfe"),
         "mean",
         "ci_low",

@@ -34,6 +34,8 @@ def test_a_search_space_with_segments(backbone):
     first_only = search.check(search.x0(2.0))[0].clone()
     first_only[0] = 0.5
     assert unmodified_guidance(search, first_only, 2.5) is False
+    assert search.effective_guidance(torch.cat([one.x0(2.0), one.x0(3.0)])) == pytest.approx([2.0, 3.0])
+    assert SearchSpace.for_model(space, 1, uses_cfg=True).effective_guidance(torch.ones(3)) is None
     coords = GuidanceCoordinates(search.layout, search.n_segments)
     z = coords.encode(search.x0(3.0).tolist())
     assert z[one.dimension - 2 : one.dimension] == pytest.approx([3.0, 1.0]) and z[-2:] == pytest.approx([3.0, 1.0])

@@ -73,7 +73,8 @@ def evaluation(
     result = evaluate_settings(
         evaluator, settings, test, seeds=preset.seeds, reference=references["baseline"], references=references
     )
-    evals, comparisons = evaluation_frames(result, run["run_id"])
+    carried = search.effective_guidance(run["vector"])
+    evals, comparisons = evaluation_frames(result, run["run_id"], carried[0] if carried else run_guidance)
     evals = evals.with_columns(pl.lit(stage.model).alias("model"), pl.lit(f"{stage.run_key}:test").alias("prompt_set"))
     cat.replace("evaluations", evals, {"run_key": stage.run_key})
     comparisons = comparisons.with_columns(pl.lit(stage.model).alias("model"))

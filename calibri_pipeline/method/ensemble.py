@@ -207,6 +207,18 @@ class SearchSpace:
         d = self.layout.search_size
         return vectors[..., index * d : (index + 1) * d]
 
+    def effective_guidance(self, vector: Any) -> list[float] | None:
+        """The guidance scale a CFG-ensemble vector carries, per part of the schedule: ``w_cond / (w_cond + w_uncond)``."""
+        if self.layout.mode != "cfg":
+            return None
+        vec = torch.as_tensor(vector, dtype=torch.float64).reshape(-1)
+        w = self.layout.n_models * self.layout.size
+        out = []
+        for j in range(self.n_segments):
+            w_c, w_u = (float(v) for v in self.segment(vec, j)[w : w + 2])
+            out.append(w_c / (w_c + w_u) if w_c + w_u else float("nan"))
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "granularity": self.granularity,
