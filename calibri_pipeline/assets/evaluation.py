@@ -143,51 +143,51 @@ def _comparison(catalog, run_key: str, reference_name: str) -> dict | None:
     return None if df.height == 0 else df.row(0, named=True)
 
 
+def beats_baseline_result(row: dict | None) -> dg.AssetCheckResult:
+    """The check on one held-out comparison row (Calibri minus the baseline at the calibration NFE)."""
+    if row is None:
+        return dg.AssetCheckResult(passed=False, metadata={"reason": "no held-out comparison for this partition"})
+    # worse than the baseline (the whole interval below 0) is an error; not shown better is a warning
+    severity = dg.AssetCheckSeverity.ERROR if row["ci_high"] < 0 else dg.AssetCheckSeverity.WARN
+    return dg.AssetCheckResult(passed=bool(row["ci_low"] > 0), severity=severity, metadata=_numbers(row))
+
+
+def not_worse_result(row: dict | None) -> dg.AssetCheckResult:
+    """The check on one held-out comparison row (Calibri minus the guidance-tuned baseline)."""
+    if row is None:
+        return dg.AssetCheckResult(passed=True, metadata={"reason": "no guidance-tuned alternative in this partition"})
+    return dg.AssetCheckResult(
+        passed=bool(row["ci_high"] >= 0), severity=dg.AssetCheckSeverity.WARN, metadata=_numbers(row)
+    )
+
+
+def _numbers(row: dict) -> dict:
+    return {
+        "delta": float(row["delta"]),
+        "ci_low": float(row["ci_low"]),
+        "ci_high": float(row["ci_high"]),
+        "images": int(row["n"]),
+    }
+
+
 @dg.asset_check(
     asset=evaluation,
     description="Calibri beats the baseline at the calibration NFE on held-out prompts "
     "(paired 95% CI of the optimised reward above 0)",
 )
 def calibrated_beats_baseline(context: dg.AssetCheckExecutionContext, catalog: CatalogResource) -> dg.AssetCheckResult:
-    row = _comparison(catalog.catalog, check_run_key(context), "baseline")
-    if row is None:
-        return dg.AssetCheckResult(passed=False, metadata={"reason": "no held-out comparison for this partition"})
-    passed = row["ci_low"] > 0
-    # worse than the baseline (the whole interval below 0) is an error; not shown better is a warning
-    severity = dg.AssetCheckSeverity.ERROR if row["ci_high"] < 0 else dg.AssetCheckSeverity.WARN
-    return dg.AssetCheckResult(
-        passed=bool(passed),
-        severity=severity,
-        metadata={
-            "delta": float(row["delta"]),
-            "ci_low": float(row["ci_low"]),
-            "ci_high": float(row["ci_high"]),
-            "images": int(row["n"]),
-        },
-    )
+    return beats_baseline_result(_comparison(catalog.catalog, check_run_key(context), "baseline"))
 
 
 @dg.asset_check(
     asset=evaluation,
-    description="Calibri is not worse than the guidance-tuned baseline at the "
-    "calibration NFE (the paired 95% CI reaches 0 or above)",
+    description="Calibri is not worse than the guidance-tuned baseline at the calibration NFE "
+    "(the paired 95% CI reaches 0 or above)",
 )
 def calibrated_not_worse_than_guidance_tuning(
     context: dg.AssetCheckExecutionContext, catalog: CatalogResource
 ) -> dg.AssetCheckResult:
-    row = _comparison(catalog.catalog, check_run_key(context), "guidance-tuned")
-    if row is None:
-        return dg.AssetCheckResult(passed=True, metadata={"reason": "no guidance-tuned alternative in this partition"})
-    return dg.AssetCheckResult(
-        passed=bool(row["ci_high"] >= 0),
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "delta": float(row["delta"]),
-            "ci_low": float(row["ci_low"]),
-            "ci_high": float(row["ci_high"]),
-            "images": int(row["n"]),
-        },
-    )
+    return not_worse_result(_comparison(catalog.catalog, check_run_key(context), "guidance-tuned"))
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[evaluation], kinds={"pytorch", "duckdb"})
