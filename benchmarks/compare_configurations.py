@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.storage.object_store import ObjectStore
 
     runs = {Path(r).name: json.loads((Path(r) / "result.json").read_text()) for r in args.runs}
-    presets = {name: Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["preset"].items()})
-               for name, r in runs.items()}
+    presets = {
+        name: Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["preset"].items()})
+        for name, r in runs.items()
+    }
     first = next(iter(presets.values()))
     if len({(p.calibration_steps, p.n_val, p.n_train, p.n_test, p.reward) for p in presets.values()}) != 1:
         raise SystemExit("the runs differ in NFE, prompt sets or reward: they cannot share validation cells")
@@ -51,17 +53,27 @@ def main(argv: list[str] | None = None) -> dict:
     reward = make_reward(first.reward)
     low = first.calibration_steps
     settings = {"baseline": Setting(None, steps=low)}
-    tuned = next((r["tunings"].get("guidance-tuned") for r in runs.values() if r.get("tunings", {}).get("guidance-tuned")), None)
+    tuned = next(
+        (r["tunings"].get("guidance-tuned") for r in runs.values() if r.get("tunings", {}).get("guidance-tuned")), None
+    )
     if tuned is not None:
         settings["guidance-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"])
     for name, r in runs.items():
         preset = presets[name]
         space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
         search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
-        settings[name] = Setting(r["calibration"]["vector"], steps=low, guidance=r["calibration"].get("guidance"),
-                                 search=search)
-    evaluator = LocalEvaluator(backbone, None, reward, SamplingSettings(steps=low), cache=StoredImageCache(store, catalog, args.model),
-                               model=args.model, progress=True)
+        settings[name] = Setting(
+            r["calibration"]["vector"], steps=low, guidance=r["calibration"].get("guidance"), search=search
+        )
+    evaluator = LocalEvaluator(
+        backbone,
+        None,
+        reward,
+        SamplingSettings(steps=low),
+        cache=StoredImageCache(store, catalog, args.model),
+        model=args.model,
+        progress=True,
+    )
     references = {"guidance-tuned": "guidance-tuned"} if tuned is not None else {}
     result = evaluate_settings(evaluator, settings, val, seeds=seeds, reference="baseline", references=references)
     table = result.table.select("label", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")

@@ -56,6 +56,7 @@ class Preset:
     probe_buckets: int = 0  # noise probe: x0 on this many extra buckets at generation 0
     target_gain: float | None = None  # with the probe: size validation so 2 SE < this gain
     max_val_seeds: int = 1  # ... with at most this many seeds per validation prompt
+    max_bucket_seeds: int = 1  # ... and training buckets so one generation's paired SE < the gain (1: off)
     confirm_top: int = 0  # re-score x0 + this many best validated vectors on fresh seeds before choosing
     # the alternatives a user tries first, tuned on the validation cells
     alternatives: tuple[str, ...] = ("guidance", "slg")

@@ -34,6 +34,7 @@ def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
         probe_buckets=preset.probe_buckets,
         target_gain=preset.target_gain,
         max_val_seeds=preset.max_val_seeds,
+        max_bucket_seeds=preset.max_bucket_seeds,
         confirm_top=preset.confirm_top,
         seed=seed,
     )

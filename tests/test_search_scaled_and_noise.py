@@ -149,6 +149,7 @@ def test_the_probe_measures_noise_at_generation_0_and_resizes_validation():
     assert noise["val_pair_se"] == pytest.approx(noise["pair_sd"] / math.sqrt(10 * expected))
     # x0 was probed on two more buckets (single-vector calls), after the first population
     assert [v.shape[0] for v in obj.train_vectors[:3]] == [res.popsize, 1, 1]
+    assert noise["bucket_seeds_per_prompt"] == 1  # max_bucket_seeds = 1: the buckets stay as configured
     # resuming re-applies the sizing from the journal, without probing again
     again = NoisyLinear([1.0, -1.0, 0.0], sigma=0.3, n_val=10)
     resumed = _run(again, cfg, 3, store=store)
@@ -195,3 +196,22 @@ def test_confirmation_rescores_the_best_validated_on_fresh_seeds_and_is_kept_wit
     again = NoisyLinear([0.5, 0.5], sigma=0.05, n_val=20)
     resumed = _run(again, cfg, 2, store=store)
     assert again.confirm_calls == [] and resumed.confirmation == conf  # read back, not re-scored
+
+
+def test_the_probe_sizes_the_training_buckets_when_allowed():
+    obj = NoisyLinear([1.0, -1.0, 0.0], sigma=0.3, n_val=10)
+    cfg = SearchConfig(
+        max_generations=3,
+        bucket_size=8,
+        probe_buckets=1,
+        target_gain=0.1,
+        max_val_seeds=5,
+        max_bucket_seeds=4,
+        val_every=1,
+    )
+    res = _run(obj, cfg, 3, store=MemoryStateStore())
+    k = res.noise["bucket_seeds_per_prompt"]
+    # one standard error of a generation's paired difference within the gain: (pair_sd / 0.1)^2 images
+    assert k == validation_seeds_needed(res.noise["pair_sd"], 0.1, 8, 4, z=1.0) and k > 1
+    sizes = [row["bucket_items"] for row in res.generations]
+    assert len(sizes[0]) == 8 and all(len(items) == 8 * k for items in sizes[1:])

@@ -161,6 +161,7 @@ class CalibriConfig(dg.Config):
     probe_buckets: int | None = None
     target_gain: float | None = None
     max_val_seeds: int | None = None
+    max_bucket_seeds: int | None = None
     confirm_top: int | None = None
     alternatives: list[str] | None = None
     guidance_grid: list[float] | None = None

@@ -67,7 +67,9 @@ class SearchConfig:
       generation 0 and measures the fitness noise against the spread of the first population
       (:class:`NoiseReport`, kept with the run); with ``target_gain`` it then sizes validation to
       up to ``max_val_seeds`` seeds per prompt, so that three standard errors of a paired
-      validation difference fit in the gain sought.
+      validation difference fit in the gain sought, and the training buckets from generation 1 on
+      to up to ``max_bucket_seeds`` seeds per prompt, so that one generation's paired standard error
+      does (a ranking that cannot see the gain sought is noise).
     - ``confirm_top > 0``: before returning, x0, the ``confirm_top`` best validated vectors and the
       final mean are re-scored on fresh seeds (``objective.confirm``); a vector replaces x0 only if
       its paired gain over x0 there has a one-sided lower confidence bound above 0 at
@@ -93,6 +95,7 @@ class SearchConfig:
     probe_buckets: int = 0
     target_gain: float | None = None
     max_val_seeds: int = 1
+    max_bucket_seeds: int = 1
     confirm_top: int = 0
     confirm_level: float = 0.95
 
@@ -129,6 +132,7 @@ class SearchConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"SearchConfig.seed must be a non-negative int, got {self.seed!r}")
         positive_int("max_val_seeds", self.max_val_seeds)
+        positive_int("max_bucket_seeds", self.max_bucket_seeds)
         for name in ("probe_buckets", "confirm_top"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -287,7 +291,8 @@ class NoiseReport:
       noise on a paired comparison within a generation;
     - ``reliability``: the share of the population's fitness variance that is not that noise
       (1: rankings are all signal; 0: all noise);
-    - ``val_seeds_per_prompt`` / ``val_images`` / ``val_pair_se``: how validation was sized.
+    - ``val_seeds_per_prompt`` / ``val_images`` / ``val_pair_se``: how validation was sized;
+      ``bucket_seeds_per_prompt``: how the training buckets were, from generation 1 on.
     """
 
     bucket_images: int
@@ -298,6 +303,7 @@ class NoiseReport:
     bucket_pair_se: float
     reliability: float
     val_seeds_per_prompt: int = 1
+    bucket_seeds_per_prompt: int = 1
     val_images: int | None = None
     val_pair_se: float | None = None
     target_gain: float | None = None
@@ -538,6 +544,7 @@ class CalibrationRun:
             self.initial_stds.size != d or not np.all(np.isfinite(self.initial_stds)) or np.any(self.initial_stds <= 0)
         ):
             raise ValueError(f"initial_stds must be {d} positive finite numbers, got {initial_stds!r}")
+        self._bucket_seeds = self.config.seeds_per_prompt  # the probe may raise it from generation 1 on
         # search coordinates -> the vectors the objective scores (identity unless a reparameterisation)
         self.decode = decode if decode is not None else (lambda z: np.array(z, dtype=np.float64))
         self.names = list(names) if names is not None else None
@@ -631,6 +638,7 @@ class CalibrationRun:
                 self._replay(es, rng, record)
                 if record.get("noise") and self.config.target_gain is not None:
                     self.objective.resize_validation(record["noise"]["val_seeds_per_prompt"])
+                    self._bucket_seeds = int(record["noise"].get("bucket_seeds_per_prompt", self._bucket_seeds))
                 log.add(record)
             stop_reason = stored["manifest"].get("stop_reason")
         replayed = len(log.generations)
@@ -710,7 +718,8 @@ class CalibrationRun:
         started = time.perf_counter()
         asked = self._ask(es, rng, generation)
         population = np.array(asked, dtype=np.float64)
-        bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, cfg.seeds_per_prompt)
+        seeds = self._bucket_seeds if generation > 0 else cfg.seeds_per_prompt
+        bucket = make_bucket(cfg.seed, generation, self.objective.n_train_items, cfg.bucket_size, seeds)
         scores = self.objective.train(self._decoded(population), bucket)
         if scores.fitness.shape != (len(asked),):
             raise ValueError(
@@ -785,6 +794,12 @@ class CalibrationRun:
             report.val_images = int(self.objective.resize_validation(seeds))
             report.val_pair_se = report.pair_sd / math.sqrt(report.val_images)
             report.target_gain = cfg.target_gain
+            # the same rule for a generation's ranking, at one standard error
+            per_prompt = validation_seeds_needed(
+                report.pair_sd, cfg.target_gain, cfg.bucket_size, cfg.max_bucket_seeds, z=1.0
+            )
+            report.bucket_seeds_per_prompt = max(cfg.seeds_per_prompt, per_prompt)
+            self._bucket_seeds = report.bucket_seeds_per_prompt
         return report.to_dict()
 
     def _to_validate(
