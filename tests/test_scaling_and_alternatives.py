@@ -163,7 +163,9 @@ def test_a_preset_becomes_the_core_arguments():
         default_guidance = 3.5
 
     space = _space()
-    preset = get_preset("embedded-default")
+    default = get_preset("embedded-default")
+    assert default.start == "guidance-tuned"
+    preset = default.with_overrides(start="stock")  # the stock start first: x0 is the unmodified model
     cfg = search_config(preset, seed=3)
     assert (cfg.sigma0, cfg.max_generations, cfg.probe_buckets, cfg.confirm_top, cfg.seed) == (
         1.0,
@@ -194,7 +196,7 @@ def test_a_preset_becomes_the_core_arguments():
     with pytest.raises(ValueError, match="run the sweep first"):
         calibration_arguments(preset, Toy(), space, sweep=None)
     with pytest.raises(ValueError, match="tune the guidance first"):
-        calibration_arguments(preset.with_overrides(start="guidance-tuned"), Toy(), space, sweep=sweep)
+        calibration_arguments(default, Toy(), space, sweep=sweep)
     with pytest.raises(ValueError, match="scaling must be one of"):
         preset.with_overrides(scaling="magic")
 
