@@ -138,8 +138,9 @@ def parse_args(argv: list[str] | None = None) -> DemoArgs:
         "--preset",
         default="embedded-default",
         metavar="{" + ",".join(demo_presets()) + "}",
-        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block, "
-        "1 model) or embedded-gate-cfg (gate, CFG ensemble)",
+        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block "
+        "coefficients of the CFG ensemble at 4 steps), embedded-gate-cfg (gate, CFG ensemble) or "
+        "embedded-2-steps (2 steps, time-dependent)",
     )
     parser.add_argument(
         "--reward",

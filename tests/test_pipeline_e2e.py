@@ -123,6 +123,27 @@ def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
     torch.testing.assert_close(model.get_submodule(target).weight, original.get_submodule(target).weight * c)
 
 
+def test_time_dependent_preset_runs_the_chain_and_exports_a_schedule(tmp_path):
+    """`embedded-2-steps`: one vector per part of the noise schedule, through every asset, exported
+    as calibri_schedule.json (a stock checkpoint holds one set of weights)."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
+    cmd = [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home)]
+    proc = subprocess.run(
+        [*cmd, "--preset", "embedded-2-steps"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "| calibri@2 |" in proc.stdout
+    run = _catalog(home).query("SELECT * FROM calibration_runs").row(0, named=True)
+    per_part = 2 * _n_blocks() + 2  # the CFG ensemble's coefficients and its two weights
+    assert run["status"] == "finished" and len(run["vector"]) == 2 * per_part  # first step, then the rest
+    ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    schedule = json.loads((ckpt / "calibri_schedule.json").read_text())
+    assert manifest["mode"] == "schedule" and not (ckpt / "cond").exists()
+    assert schedule["segments"] == [0.8] and schedule["vector"] == pytest.approx(run["vector"])
+
+
 def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkeypatch):
     """The UI's Runs and Jobs pages show the demo, and its partition reads as 1 of 1 materialized."""
     import dagster as dg

@@ -221,7 +221,10 @@ def calibration(
             confirmation=search.confirmation,
         ),
     )
-    coef_table = pl.DataFrame({"name": result.layout.names(space.names), "value": vector})
+    from calibri_pipeline.method.ensemble import SearchSpace
+
+    # one name per number of the vector: with time segments, each part of the schedule has its own
+    coef_table = pl.DataFrame({"name": SearchSpace(space, result.layout, result.segments).names(), "value": vector})
     meta = {
         "run_id": run_id,
         "generations": search.n_generations,
