@@ -157,16 +157,22 @@ def test_object_store_resource_without_s3_credentials_fails_before_the_asset_run
 # -- the gpu pool -----------------------------------------------------------------------------------
 _GPU_STEP = textwrap.dedent(
     """
-    import json, sys, time
+    import json, os, sys, time
     import dagster as dg
     from calibri_pipeline.resources import GPU_POOL
 
-    name, spans = sys.argv[1], sys.argv[2]
+    name, spans, holding, release = sys.argv[1:5]
 
     @dg.asset(name=name, pool=GPU_POOL)
     def gpu_step() -> None:
         start = time.time()
-        time.sleep(1.5)  # "on the GPU"
+        if holding != "-":  # the first run: hold the card until the test has seen the second one wait
+            open(holding, "w").close()
+            deadline = time.time() + 120
+            while not os.path.exists(release) and time.time() < deadline:
+                time.sleep(0.1)
+        else:
+            time.sleep(0.5)  # "on the GPU"
         with open(spans, "a") as f:
             f.write(json.dumps([name, start, time.time()]) + "\\n")
 
@@ -175,28 +181,57 @@ _GPU_STEP = textwrap.dedent(
 )
 
 
+def _wait_for(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def test_gpu_pool_limit_keeps_two_runs_off_the_same_card(tmp_path: Path) -> None:
+    """A second GPU step waits while the first holds the pool's one slot.
+
+    The second run starts once the first holds the slot: Dagster's default SQLite storage claims
+    slots without a row lock (its ``FOR UPDATE SKIP LOCKED`` is a no-op there), so two steps that
+    claim within the same few milliseconds can both get it; the README says so (Postgres storage
+    for a shared GPU host)."""
     env = _subprocess_env(tmp_path)
     set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 1)
     with pytest.raises(ValueError, match="positive integer"):
         set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 0)
-    spans = tmp_path / "spans.jsonl"
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _GPU_STEP, name, str(spans)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in ("gpu_step_a", "gpu_step_b")
-    ]
-    logs = [run.communicate(timeout=150)[0] for run in runs]
-    assert all(run.returncode == 0 for run in runs), logs
-    first, second = sorted(tuple(json.loads(line)[1:]) for line in spans.read_text().splitlines())
-    assert second[0] >= first[1], f"GPU steps overlapped: {first} and {second}"
-    assert "blocked by limit for pool gpu" in "".join(logs)
+    spans, holding, release = tmp_path / "spans.jsonl", tmp_path / "holding", tmp_path / "release"
+    logs = {name: tmp_path / f"{name}.log" for name in ("gpu_step_a", "gpu_step_b")}
+
+    def start(name: str, hold: str) -> subprocess.Popen:
+        with logs[name].open("w") as out:
+            return subprocess.Popen(
+                [sys.executable, "-c", _GPU_STEP, name, str(spans), hold, str(release)],
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    first = start("gpu_step_a", str(holding))
+    try:
+        _wait_for(holding.exists, "the first run to hold the gpu slot")
+        second = start("gpu_step_b", "-")
+        try:
+            _wait_for(
+                lambda: "blocked by limit for pool gpu" in logs["gpu_step_b"].read_text(), "the second run to wait"
+            )
+            assert not spans.exists()  # nothing finished yet: the second step is waiting, not running
+            release.touch()
+            assert second.wait(timeout=150) == 0, logs["gpu_step_b"].read_text()[-3000:]
+        finally:
+            second.kill()
+        assert first.wait(timeout=150) == 0, logs["gpu_step_a"].read_text()[-3000:]
+    finally:
+        release.touch()
+        first.kill()
+    a, b = sorted(tuple(json.loads(line)[1:]) for line in spans.read_text().splitlines())
+    assert b[0] >= a[1], f"GPU steps overlapped: {a} and {b}"
 
 
 # -- dagster dev ------------------------------------------------------------------------------------
