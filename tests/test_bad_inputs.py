@@ -79,23 +79,14 @@ _TINY: dict[str, Any] = {}
 def tiny_backbone():
     """A tiny random-init toy DiT (the real FluxTransformer2DModel class, real MiniLM), built once."""
     if "backbone" not in _TINY:
-        import torch
+        from tiny_models import tiny_toy_transformer
 
-        from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
+        from calibri_pipeline.backbones.toy import ToyBackbone
         from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
-        torch.manual_seed(0)
-        config = ToyModelConfig(
-            image_size=8,
-            patch_size=2,
-            num_double_blocks=1,
-            num_single_blocks=1,
-            num_heads=2,
-            head_dim=16,
-            text_max_length=8,
-        )
+        config, transformer = tiny_toy_transformer(1)
         _TINY["backbone"] = ToyBackbone(
-            build_toy_transformer(config, zero_init=False),
+            transformer,
             config,
             MiniLMTextEncoder(max_length=8),
             default_steps=1,

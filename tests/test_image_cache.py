@@ -32,23 +32,12 @@ class MeanPixel:
 
 @pytest.fixture(scope="module")
 def backbone():
-    from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
+    from tiny_models import tiny_toy_transformer
+
+    from calibri_pipeline.backbones.toy import ToyBackbone
     from calibri_pipeline.text_encoder import MiniLMTextEncoder
 
-    torch.manual_seed(0)
-    config = ToyModelConfig(
-        image_size=8,
-        patch_size=2,
-        num_double_blocks=1,
-        num_single_blocks=1,
-        num_heads=2,
-        head_dim=16,
-        text_max_length=8,
-    )
-    transformer = build_toy_transformer(config, zero_init=False)
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.mul_(3.0)
+    config, transformer = tiny_toy_transformer(1, gain=3.0)
     return ToyBackbone(transformer, config, MiniLMTextEncoder(max_length=8), default_steps=2, default_guidance=2.5)
 
 

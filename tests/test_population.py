@@ -83,22 +83,11 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def backbone(encoder):
-    from calibri_pipeline.backbones.toy import ToyBackbone, ToyModelConfig, build_toy_transformer
+    from tiny_models import tiny_toy_transformer
 
-    torch.manual_seed(0)
-    config = ToyModelConfig(
-        image_size=8,
-        patch_size=2,
-        num_double_blocks=2,
-        num_single_blocks=2,
-        num_heads=2,
-        head_dim=16,
-        text_max_length=8,
-    )
-    transformer = build_toy_transformer(config, zero_init=False)
-    with torch.no_grad():  # random init is near-silent; make every branch matter
-        for p in transformer.parameters():
-            p.mul_(3.0)
+    from calibri_pipeline.backbones.toy import ToyBackbone
+
+    config, transformer = tiny_toy_transformer(2, gain=3.0)
     return ToyBackbone(transformer, config, encoder, default_steps=3, default_guidance=2.5)
 
 

@@ -124,23 +124,9 @@ def random_vectors(space: CalibrationSpace, n_models: int, p: int, seed: int = 0
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random-init toy DiT written as a toy checkpoint directory (config.json + safetensors)."""
     from safetensors.torch import save_file
+    from tiny_models import tiny_toy_transformer
 
-    from calibri_pipeline.backbones.toy import ToyModelConfig, build_toy_transformer
-
-    torch.manual_seed(0)
-    config = ToyModelConfig(
-        image_size=8,
-        patch_size=2,
-        num_double_blocks=2,
-        num_single_blocks=2,
-        num_heads=2,
-        head_dim=16,
-        text_max_length=8,
-    )
-    transformer = build_toy_transformer(config, zero_init=False)
-    with torch.no_grad():  # random init is near-silent; make every branch matter
-        for p in transformer.parameters():
-            p.mul_(3.0)
+    config, transformer = tiny_toy_transformer(2, gain=3.0)
     path = tmp_path_factory.mktemp("tiny_toy")
     (path / "config.json").write_text(
         json.dumps(
