@@ -79,10 +79,10 @@ _TINY: dict[str, Any] = {}
 def tiny_backbone():
     """A tiny random-init toy DiT (the real FluxTransformer2DModel class, real MiniLM), built once."""
     if "backbone" not in _TINY:
-        from tiny_models import tiny_toy_transformer
-
         from calibri_pipeline.backbones.toy import ToyBackbone
         from calibri_pipeline.text_encoder import MiniLMTextEncoder
+
+        from tiny_models import tiny_toy_transformer
 
         config, transformer = tiny_toy_transformer(1)
         _TINY["backbone"] = ToyBackbone(

@@ -9,7 +9,7 @@ from calibri_pipeline import CalibrationSpace
 from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
 from calibri_pipeline.method.sampler import euler_sample, flow_sigmas, make_velocity_fn
 
-diffusers = pytest.importorskip("diffusers")
+from tiny_models import tiny_flux_with_velocity
 
 
 def test_layout_sizes_split_join_initial_bounds():
@@ -57,35 +57,7 @@ def test_flow_sigmas_and_exact_euler_on_a_straight_flow():
 
 @pytest.fixture(scope="module")
 def flux():
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=6,
-        pooled_projection_dim=6,
-        guidance_embeds=False,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
-    ids = torch.zeros(9, 3)
-    ids[:, 1] = torch.arange(9) // 3
-    ids[:, 2] = torch.arange(9) % 3
-
-    def model_fn(x, sigma, cond):
-        return model(
-            hidden_states=x,
-            encoder_hidden_states=cond["tokens"],
-            pooled_projections=cond["pooled"],
-            timestep=sigma,
-            img_ids=ids,
-            txt_ids=torch.zeros(cond["tokens"].shape[1], 3),
-            return_dict=False,
-        )[0]
-
-    return model, model_fn
+    return tiny_flux_with_velocity()
 
 
 def _conds(n):

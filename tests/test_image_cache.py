@@ -32,10 +32,10 @@ class MeanPixel:
 
 @pytest.fixture(scope="module")
 def backbone():
-    from tiny_models import tiny_toy_transformer
-
     from calibri_pipeline.backbones.toy import ToyBackbone
     from calibri_pipeline.text_encoder import MiniLMTextEncoder
+
+    from tiny_models import tiny_toy_transformer
 
     config, transformer = tiny_toy_transformer(1, gain=3.0)
     return ToyBackbone(transformer, config, MiniLMTextEncoder(max_length=8), default_steps=2, default_guidance=2.5)

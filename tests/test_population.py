@@ -83,9 +83,9 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def backbone(encoder):
-    from tiny_models import tiny_toy_transformer
-
     from calibri_pipeline.backbones.toy import ToyBackbone
+
+    from tiny_models import tiny_toy_transformer
 
     config, transformer = tiny_toy_transformer(2, gain=3.0)
     return ToyBackbone(transformer, config, encoder, default_steps=3, default_guidance=2.5)

@@ -124,6 +124,7 @@ def random_vectors(space: CalibrationSpace, n_models: int, p: int, seed: int = 0
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random-init toy DiT written as a toy checkpoint directory (config.json + safetensors)."""
     from safetensors.torch import save_file
+
     from tiny_models import tiny_toy_transformer
 
     config, transformer = tiny_toy_transformer(2, gain=3.0)

@@ -107,36 +107,11 @@ def test_skip_layer_guidance_is_a_point_of_the_three_member_layout():
 
 def test_slg_through_the_sampler_equals_its_definition():
     """CFG(g) + s * (v_cond - v_cond with the block skipped), computed by hand with the stock model."""
-    from diffusers import FluxTransformer2DModel
-
     from calibri_pipeline.method.sampler import make_velocity_fn
 
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=6,
-        pooled_projection_dim=6,
-        guidance_embeds=False,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
-    ids = torch.zeros(9, 3)
+    from tiny_models import tiny_flux_with_velocity
 
-    def model_fn(x, sigma, cond):
-        return model(
-            hidden_states=x,
-            encoder_hidden_states=cond["tokens"],
-            pooled_projections=cond["pooled"],
-            timestep=sigma,
-            img_ids=ids,
-            txt_ids=torch.zeros(3, 3),
-            return_dict=False,
-        )[0]
-
+    model, model_fn = tiny_flux_with_velocity()
     space = CalibrationSpace.from_transformer(model, "block")
     g = torch.Generator().manual_seed(1)
     cond = {"tokens": torch.randn(2, 3, 6, generator=g), "pooled": torch.randn(2, 6, generator=g)}
