@@ -21,12 +21,11 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("calibri_home")
+def _tiny_demo(home: Path, *args: str) -> str:
+    """`calibri demo --size tiny` into ``home`` in a clean environment; its stdout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home)],
+        [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -34,7 +33,13 @@ def demo_home(tmp_path_factory):
         timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return home, proc.stdout
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("calibri_home")
+    return home, _tiny_demo(home)
 
 
 def _catalog(home: Path):
@@ -127,13 +132,7 @@ def test_time_dependent_preset_runs_the_chain_and_exports_a_schedule(tmp_path):
     """`embedded-2-steps`: one vector per part of the noise schedule, through every asset, exported
     as calibri_schedule.json (a stock checkpoint holds one set of weights)."""
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CALIBRI_", "DAGSTER_"))}
-    cmd = [sys.executable, "-m", "calibri_pipeline.cli", "demo", "--size", "tiny", "--home", str(home)]
-    proc = subprocess.run(
-        [*cmd, "--preset", "embedded-2-steps"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "| calibri@2 |" in proc.stdout
+    assert "| calibri@2 |" in _tiny_demo(home, "--preset", "embedded-2-steps")
     run = _catalog(home).query("SELECT * FROM calibration_runs").row(0, named=True)
     per_part = 2 * _n_blocks() + 2  # the CFG ensemble's coefficients and its two weights
     assert run["status"] == "finished" and len(run["vector"]) == 2 * per_part  # first step, then the rest
