@@ -1,5 +1,7 @@
 """Stage 7: the calibration baked into stock diffusers checkpoints, and the paper's tables across partitions."""
 
+import json
+
 import dagster as dg
 
 from calibri_pipeline.assets.calibration import calibration, load_calibration
@@ -22,8 +24,6 @@ def calibrated_checkpoint(
     stage = Stage(context, None, catalog, object_store, compute)
     run = load_calibration(stage)
     prefix = f"checkpoints/{stage.model}/{stage.reward}"
-    import json
-
     segments = json.loads(run["config"])["preset"].get("segments") or ()
     manifest = export_calibrated(
         stage.backbone,
