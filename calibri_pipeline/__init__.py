@@ -6,6 +6,11 @@ The method core lives in :mod:`calibri_pipeline.method` and never imports Dagste
 
 from __future__ import annotations
 
+from calibri_pipeline.runtime import tune_allocator
+
+# before any tensor exists: keep freed activations in the heap instead of mmap/munmap per call (runtime.py)
+tune_allocator()
+
 __version__ = "0.1.0"
 __all__ = ["CalibrationSpace", "EnsembleLayout"]
 

@@ -1,0 +1,53 @@
+"""Process-wide settings that every entry point needs before tensors are allocated.
+
+**glibc's allocator.** By default glibc serves every allocation above its mmap threshold (at most
+32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, and trims the heap's top
+whenever more than 128 KiB is free. A sampler allocates and frees the same large activations at
+every transformer call, so each call faults every page of them in anew: the demo took 207 million
+minor page faults and 782 s of system time on the EPYC (DESIGN.md §9). ``tune_allocator`` turns
+both off with ``mallopt`` (no mmap'ed chunks, no trimming), so freed activations go back to the
+heap and the next call reuses pages that are already mapped. The process keeps its peak heap;
+for a sampler that is what it needs again a moment later anyway.
+
+It runs when ``calibri_pipeline`` is imported, so the ``calibri`` commands, Dagster's run and code
+server processes (they import the code location) and the tests all get it. ``mallopt`` acts on
+allocations made after the call, whenever that is. Set ``CALIBRI_MALLOC=default`` to keep glibc's
+defaults (e.g. to measure the difference); on a libc without ``mallopt`` it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+# glibc's <malloc.h>
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+ENV = "CALIBRI_MALLOC"
+_state: dict[str, object] = {"tuned": False, "reason": "not run"}
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the heap (no mmap per large tensor, no trimming); True when applied."""
+    if os.environ.get(ENV, "").strip().lower() == "default":
+        _state.update(tuned=False, reason=f"{ENV}=default")
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        _state.update(tuned=False, reason="no glibc mallopt")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success, 0 on error
+    ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    _state.update(tuned=ok, reason="mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1" if ok else "mallopt failed")
+    return ok
+
+
+def allocator_report() -> dict[str, object]:
+    """What :func:`tune_allocator` did in this process (for benchmarks and logs)."""
+    return dict(_state)
