@@ -1,6 +1,8 @@
 """Which search configuration to make the default: every run's selected vector on the same fresh
 validation cells (the validation prompts with seeds none of the runs saw), paired CIs against the
-unmodified model and the guidance-tuned one. The test split is not touched. Prints JSON and a table.
+unmodified model and every tuned alternative the runs hold (guidance-, shift- and schedule-tuned; each
+sampled at its own shift, and each run's vector at the shift it was calibrated at). The test split is
+not touched. Prints JSON and a table.
 
     python benchmarks/compare_configurations.py RUN_DIR [RUN_DIR ...] [--seeds 2000,2001,2002,2003]
 
@@ -53,17 +55,36 @@ def main(argv: list[str] | None = None) -> dict:
     reward = make_reward(first.reward)
     low = first.calibration_steps
     settings = {"baseline": Setting(None, steps=low)}
-    tuned = next(
-        (r["tunings"].get("guidance-tuned") for r in runs.values() if r.get("tunings", {}).get("guidance-tuned")), None
-    )
-    if tuned is not None:
-        settings["guidance-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"])
+
+    def first_tuning(name: str) -> dict | None:
+        return next((r["tunings"][name] for r in runs.values() if r.get("tunings", {}).get(name)), None)
+
+    alternatives = {}
+    if (tuned := first_tuning("guidance-tuned")) is not None:
+        alternatives["guidance-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"])
+    if (tuned := first_tuning("shift-tuned")) is not None:
+        alternatives["shift-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"], shift=tuned["shift"])
+    if (tuned := first_tuning("schedule-tuned")) is not None:
+        params = tuned["params"]
+        block = CalibrationSpace.from_transformer(backbone.transformer, "block")
+        alternatives["schedule-tuned"] = Setting(
+            tuned["vector"],
+            steps=low,
+            guidance=tuned["guidance"],
+            search=SearchSpace.for_model(block, 2, uses_cfg=True, segments=params["segments"]),
+            shift=params.get("shift"),
+        )
+    settings.update(alternatives)
     for name, r in runs.items():
         preset = presets[name]
         space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
         search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
         settings[name] = Setting(
-            r["calibration"]["vector"], steps=low, guidance=r["calibration"].get("guidance"), search=search
+            r["calibration"]["vector"],
+            steps=low,
+            guidance=r["calibration"].get("guidance"),
+            search=search,
+            shift=r["calibration"].get("shift"),
         )
     evaluator = LocalEvaluator(
         backbone,
@@ -74,14 +95,19 @@ def main(argv: list[str] | None = None) -> dict:
         model=args.model,
         progress=True,
     )
-    references = {"guidance-tuned": "guidance-tuned"} if tuned is not None else {}
+    references = {name: name for name in alternatives}
     result = evaluate_settings(evaluator, settings, val, seeds=seeds, reference="baseline", references=references)
-    table = result.table.select("label", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
+    table = result.table.select("label", "shift", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
     print(table_markdown(table))
-    vs_tuned = [c for c in result.meta["comparisons"] if c["reference"] == "guidance-tuned"]
-    for c in vs_tuned:
-        print(f"{c['setting']:<40} vs guidance-tuned {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
-    out = {"cells": len(val) * len(seeds), "seeds": seeds, "table": table.to_dicts(), "vs_guidance_tuned": vs_tuned}
+    vs_alternatives = [c for c in result.meta["comparisons"] if c["reference"] in alternatives]
+    for c in vs_alternatives:
+        print(f"{c['setting']:<40} vs {c['reference']:<15} {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+    out = {
+        "cells": len(val) * len(seeds),
+        "seeds": seeds,
+        "table": table.to_dicts(),
+        "vs_alternatives": vs_alternatives,
+    }
     print(json.dumps(out, indent=2, default=float))
     return out
 

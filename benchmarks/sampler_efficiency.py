@@ -56,12 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=2.0)
     args = p.parse_args(argv)
 
+    import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from calibri_pipeline.backbones.toy import load_toy_backbone
-    import numpy as np
-
     from calibri_pipeline.world.grammar import sample_prompt
 
     backbone = load_toy_backbone()

@@ -70,7 +70,13 @@ def _unseen_test_prompts(split_seed: int, n: int, exclude: set[str]):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import polars as pl
 
-    from calibri_pipeline.method.alternatives import slg_layer_candidates, tune_guidance, tune_slg
+    from calibri_pipeline.method.alternatives import (
+        slg_layer_candidates,
+        tune_guidance,
+        tune_guidance_schedule,
+        tune_shift,
+        tune_slg,
+    )
     from calibri_pipeline.method.analysis import (
         block_ablation,
         evaluate_settings,
@@ -87,7 +93,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from calibri_pipeline.models import load_model
     from calibri_pipeline.presets import get_preset
     from calibri_pipeline.prompt_sets import build_prompt_set
-    from calibri_pipeline.recipes import calibration_arguments, comparison_settings, search_config
+    from calibri_pipeline.recipes import (
+        calibration_arguments,
+        comparison_settings,
+        search_config,
+        start_arguments,
+    )
     from calibri_pipeline.report import evaluation_frames, headline_table, setting_means
     from calibri_pipeline.rewards.names import WORLD_REWARD_NAMES
     from calibri_pipeline.rewards.registry import make_reward
@@ -163,13 +174,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         tunings["slg-tuned"] = tuned.to_dict()
         tuned_tables["slg"] = tuned.table
+    if "shift" in preset.alternatives:
+        tuned = tune_shift(
+            evaluator(None, [reward], steps=low),
+            val_prompts,
+            val_seeds,
+            shifts=preset.shift_grid,
+            guidances=preset.guidance_grid,
+        )
+        tunings["shift-tuned"] = tuned.to_dict()
+        tuned_tables["shift"] = tuned.table
+    if "schedule" in preset.alternatives:  # around the best constant guidance, at the tuned shift if any
+        base = tunings.get("shift-tuned") or tunings["guidance-tuned"]
+        tuned = tune_guidance_schedule(
+            evaluator(None, [reward], steps=low),
+            SearchSpace.for_model(block.space, 2, uses_cfg=True, segments=preset.segments),
+            val_prompts,
+            val_seeds,
+            around=float(base["guidance"]),
+            offsets=preset.schedule_offsets,
+            shift=base.get("shift"),
+        )
+        tunings["schedule-tuned"] = tuned.to_dict()
+        tuned_tables["schedule"] = tuned.table
     stage("alternatives", t0)
 
     t0 = time.perf_counter()
     space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
-    arguments = calibration_arguments(
-        preset, backbone, space, sweep=sweep.table, tuned_guidance=(tunings.get("guidance-tuned") or {}).get("guidance")
-    )
+    arguments = calibration_arguments(preset, backbone, space, sweep=sweep.table, **start_arguments(preset, tunings))
     result = calibrate(
         backbone,
         space,
@@ -219,7 +251,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
     settings, references = comparison_settings(
-        preset, calibri=(search, result.vector.tolist(), arguments["guidance"]), tunings=tunings, slg_space=block.space
+        preset,
+        calibri=(search, result.vector.tolist(), arguments["guidance"]),
+        tunings=tunings,
+        slg_space=block.space,
+        calibri_shift=arguments["shift"],
     )
     evaluated = evaluate_settings(
         evaluator(None, eval_rewards),

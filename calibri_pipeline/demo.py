@@ -48,6 +48,7 @@ SIZES: dict[str, dict] = {
         sweep_alphas=[0.0, 2.0],
         nfe_list=[1, 2],
         guidance_grid=[2.0, 3.5],
+        shift_grid=[1.0, 3.0],
         slg_candidates=1,
         slg_scales=[1.0],
         probe_buckets=1,
@@ -132,15 +133,16 @@ def parse_args(argv: list[str] | None = None) -> DemoArgs:
         "--size",
         default="default",
         metavar="{" + ",".join(SIZES) + "}",
-        help="how much to compute (default: ~15 min on 2 CPU cores, tiny ~1 min)",
+        help="how much to compute (default: minutes on 2 CPU cores, see the README; tiny ~1 min)",
     )
     parser.add_argument(
         "--preset",
         default="embedded-default",
         metavar="{" + ",".join(demo_presets()) + "}",
-        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (block "
-        "coefficients of the CFG ensemble at 4 steps), embedded-gate-cfg (gate, CFG ensemble) or "
-        "embedded-2-steps (2 steps, time-dependent)",
+        help="a preset of calibri_pipeline/presets.py for the toy model: embedded-default (2 steps, one set "
+        "of block coefficients of the CFG ensemble per step, on top of the tuned timestep shift and guidance), "
+        "embedded-4-steps (the paper's setting at 4 steps), embedded-2-steps (2 steps from the guidance-tuned "
+        "model) or embedded-gate-cfg (gate, CFG ensemble)",
     )
     parser.add_argument(
         "--reward",
@@ -232,7 +234,7 @@ def run_demo(
 def summary_text(home: Path, info: dict) -> str:
     from calibri_pipeline.assets.common import latest_calibration
     from calibri_pipeline.method.analysis import table_markdown
-    from calibri_pipeline.report import headline_table, setting_means
+    from calibri_pipeline.report import headline_table, setting_means, verdict_line
     from calibri_pipeline.storage.catalog import Catalog
     from calibri_pipeline.storage.paths import default_catalog_path, default_object_store_url
 
@@ -245,10 +247,13 @@ def summary_text(home: Path, info: dict) -> str:
     low, default = preset["calibration_steps"], preset["default_steps"]
     headline = headline_table(evals, comparisons, reward, low, default)
     means = setting_means(evals, low, list(WORLD_REWARD_NAMES))
+    tunings = catalog.query("SELECT name, label, val_mean FROM tunings WHERE run_key = ?", [info["partition"]])
+    verdict = verdict_line(comparisons, tunings, reward, low)
     lines = [
         "",
+        *([verdict] if verdict else []),
         f"Calibri on the embedded default ({preset['name']}: {run['granularity']} scaling, n_models={run['n_models']}, "
-        f"{run['generations']} CMA-ES generations) in {info['wall_seconds'] / 60:.1f} min",
+        f"{run['generations']} of at most {preset['generations']} CMA-ES generations) in {info['wall_seconds'] / 60:.1f} min",
         f"validation {reward}: start {run['baseline_val']:.4f} -> selected {run['best_val']:.4f}",
         "",
         f"Held-out test prompts, {reward} (mean [95% CI]; paired differences on the same prompts and noise):",

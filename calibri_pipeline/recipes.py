@@ -8,7 +8,8 @@ scale sweep, the tuned guidance), into the search configuration and the keyword 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import json
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import polars as pl
@@ -47,13 +48,17 @@ def calibration_arguments(
     *,
     sweep: pl.DataFrame | None = None,
     tuned_guidance: float | None = None,
+    tuned_shift: float | None = None,
+    tuned_schedule: Sequence[float] | None = None,
     warm_start: Any = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``calibrate`` for the preset (besides prompts, rewards and storage).
 
-    ``sweep``: the scale-sweep table (``scaling="sweep"``); ``tuned_guidance``: the guidance-tuned
-    baseline's scale (``start="guidance-tuned"``); ``warm_start``: a previous checkpoint's vector
-    (the sensor), which wins over the tuned start.
+    ``sweep``: the scale-sweep table (``scaling="sweep"``); ``tuned_guidance``: the tuned alternative's
+    guidance scale (``start="guidance-tuned"``: the guidance-tuned baseline's; ``start="shift-tuned"``:
+    the shift-tuned one's, with its ``tuned_shift``, which the whole search then samples at;
+    ``start="schedule-tuned"``: ``tuned_schedule``, one guidance per part of the schedule, at
+    ``tuned_shift`` when a shift was tuned); ``warm_start``: a previous checkpoint's vector (the sensor), which wins over the tuned start.
     """
     from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.scaling import initial_stds, sweep_curvatures
@@ -72,10 +77,32 @@ def calibration_arguments(
         "guidance_coordinates": guidance_coordinates,
         "max_batch": preset.max_batch,
         "segments": tuple(preset.segments),
+        "shift": None,
     }
-    if preset.start == "guidance-tuned" and warm_start is None:
+    tuned_start = preset.start in ("guidance-tuned", "shift-tuned", "schedule-tuned")
+    if preset.start == "shift-tuned":  # the sampler's shift is part of the model being calibrated
+        if tuned_shift is None:
+            raise ValueError(f"preset {preset.name!r} calibrates on top of the shift-tuned model: tune the shift first")
+        args["shift"] = float(tuned_shift)
+    if preset.start == "schedule-tuned":
+        if tuned_schedule is None:
+            raise ValueError(f"preset {preset.name!r} starts from the tuned guidance schedule: tune the schedule first")
+        if search.layout.mode != "cfg" or len(tuned_schedule) != search.n_segments:
+            raise ValueError(
+                f"preset {preset.name!r}: a guidance schedule of {len(tuned_schedule)} parts cannot start a "
+                f"{search.layout.mode!r} search with {search.n_segments} parts"
+            )
+        args["shift"] = None if tuned_shift is None else float(tuned_shift)
+        if warm_start is None:
+            import torch
+
+            warm_start = torch.cat([search.layout.initial(float(g)) for g in tuned_schedule]).numpy()
+        if tuned_guidance is None:  # the steps of the weights scale with the guidance: the schedule's mean
+            tuned_guidance = sum(float(g) for g in tuned_schedule) / len(tuned_schedule)
+    if tuned_start and warm_start is None:
         if tuned_guidance is None:
-            raise ValueError(f"preset {preset.name!r} starts from the guidance-tuned model: tune the guidance first")
+            knob = "guidance" if preset.start == "guidance-tuned" else "shift"
+            raise ValueError(f"preset {preset.name!r} starts from the {preset.start} model: tune the {knob} first")
         if search.layout.mode == "cfg":  # the weights carry the guidance: start them at the tuned one
             warm_start = search.x0(float(tuned_guidance)).numpy()  # every part of the schedule alike
         else:  # one guided model: sample it at the tuned guidance
@@ -85,7 +112,7 @@ def calibration_arguments(
     if preset.scaling == "sweep":
         if sweep is None or sweep.height == 0:
             raise ValueError(f"preset {preset.name!r} scales the search from the scale sweep: run the sweep first")
-        start_guidance = float(tuned_guidance) if (preset.start == "guidance-tuned" and tuned_guidance) else guidance
+        start_guidance = float(tuned_guidance) if (tuned_start and tuned_guidance) else guidance
         args["initial_stds"] = initial_stds(
             search,
             sweep_curvatures(sweep),
@@ -96,7 +123,36 @@ def calibration_arguments(
     return args
 
 
-__all__ = ["search_config", "calibration_arguments"]
+def start_tuning(preset: Preset) -> str | None:
+    """The tuned alternative a preset's search starts from (its name in the tunings), or None."""
+    return preset.start if preset.start in ("guidance-tuned", "shift-tuned", "schedule-tuned") else None
+
+
+def start_arguments(preset: Preset, tunings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``tuned_guidance`` / ``tuned_shift`` / ``tuned_schedule`` of :func:`calibration_arguments` from the
+    tuned alternatives (``Tuned.to_dict()`` records or catalog ``tunings`` rows) the preset starts from."""
+    name = start_tuning(preset) or "guidance-tuned"
+    tuned = tunings.get(name)
+    if tuned is None:
+        return {}
+    params = tuned.get("params")
+    params = json.loads(params) if isinstance(params, str) else (params or {})
+    out: dict[str, Any] = {"tuned_guidance": tuned.get("guidance")}
+    if name in ("shift-tuned", "schedule-tuned") and params.get("shift") is not None:
+        out["tuned_shift"] = float(params["shift"])
+    if name == "schedule-tuned":
+        out["tuned_schedule"] = [float(g) for g in params["guidances"]]
+    return out
+
+
+__all__ = [
+    "search_config",
+    "calibration_arguments",
+    "start_tuning",
+    "setting_label",
+    "comparison_settings",
+    "tuned_shift",
+]
 
 
 def setting_label(name: str, steps: int) -> str:
@@ -110,15 +166,19 @@ def comparison_settings(
     calibri: tuple[Any, Any, float | None] | None,
     tunings: dict[str, dict[str, Any]],
     slg_space: CalibrationSpace | None = None,
+    calibri_shift: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """The settings the evaluation scores on the test prompts, and the references they are compared with.
 
     ``calibri``: ``(search space, vector, guidance)`` of the calibration (None: no calibration yet);
     ``tunings``: the tuned alternatives by name (``guidance-tuned``: its ``guidance``; ``slg-tuned``: its
-    ``vector`` in the 3-member CFG layout of ``slg_space``). At the calibration NFE ``L``: the baseline,
-    the baseline at ``2 L`` and at the default NFE, every tuned alternative and Calibri; across the
-    preset's NFE list: the baseline, the guidance-tuned model and Calibri (the NFE study). Every setting
-    is compared with ``baseline@L``, ``guidance-tuned@L`` (when tuned) and ``baseline@2L``.
+    ``vector`` in the 3-member CFG layout of ``slg_space``; ``shift-tuned``: its shift and guidance;
+    ``schedule-tuned``: its ``vector`` in the time-dependent CFG layout of ``slg_space``, at its shift);
+    ``calibri_shift``: the sampler shift the calibration ran at (None: the model's). At the calibration
+    NFE ``L``: the baseline, the baseline at ``2 L`` and at the default NFE, every tuned alternative and
+    Calibri; across the preset's NFE list: the baseline, the guidance-tuned model and Calibri (the NFE
+    study). Every setting is compared with ``baseline@L``, ``baseline@2L`` and each tuned alternative
+    at ``L`` (guidance-tuned, SLG-tuned, shift-tuned, schedule-tuned).
     """
     from calibri_pipeline.method.alternatives import slg_search
     from calibri_pipeline.method.analysis import Setting
@@ -138,11 +198,48 @@ def comparison_settings(
         settings[setting_label("slg-tuned", low)] = Setting(
             vector, steps=low, guidance=slg["guidance"], search=slg_search(slg_space) if vector is not None else None
         )
+    shifted = tunings.get("shift-tuned")
+    if shifted is not None:
+        settings[setting_label("shift-tuned", low)] = Setting(
+            None, steps=low, guidance=shifted["guidance"], shift=tuned_shift(shifted)
+        )
+    scheduled = tunings.get("schedule-tuned")
+    if scheduled is not None:
+        from calibri_pipeline.method.ensemble import SearchSpace
+
+        params = scheduled.get("params")
+        params = json.loads(params) if isinstance(params, str) else (params or {})
+        settings[setting_label("schedule-tuned", low)] = Setting(
+            scheduled["vector"],
+            steps=low,
+            guidance=scheduled["guidance"],
+            search=SearchSpace.for_model(slg_space, 2, uses_cfg=True, segments=params["segments"]),
+            shift=params.get("shift"),
+        )
     if calibri is not None:
         search, vector, guidance = calibri
         for steps in sorted({low, *preset.nfe_list}):
-            settings[setting_label("calibri", steps)] = Setting(vector, steps=steps, guidance=guidance, search=search)
+            settings[setting_label("calibri", steps)] = Setting(
+                vector, steps=steps, guidance=guidance, search=search, shift=calibri_shift
+            )
     references = {"baseline": setting_label("baseline", low), "twice the NFE": setting_label("baseline", 2 * low)}
     if guided is not None:
         references["guidance-tuned"] = setting_label("guidance-tuned", low)
+    if slg is not None:
+        references["slg-tuned"] = setting_label("slg-tuned", low)
+    if shifted is not None:
+        references["shift-tuned"] = setting_label("shift-tuned", low)
+    if scheduled is not None:
+        references["schedule-tuned"] = setting_label("schedule-tuned", low)
     return settings, references
+
+
+def tuned_shift(tuning: dict[str, Any]) -> float:
+    """The shift of a shift-tuned alternative: a ``Tuned.to_dict()`` or a catalog ``tunings`` row (params JSON)."""
+    if tuning.get("shift") is not None:
+        return float(tuning["shift"])
+    params = tuning.get("params")
+    params = json.loads(params) if isinstance(params, str) else (params or {})
+    if params.get("shift") is None:
+        raise ValueError(f"the tuning {tuning.get('name', '?')!r} holds no shift")
+    return float(params["shift"])

@@ -18,7 +18,13 @@ def _fmt(mean: float | None, low: float | None, high: float | None) -> str:
 
 
 #: what the `calibration` column of images/evaluations rows holds for each setting (Calibri: its run id)
-SETTING_TAGS = {"baseline": "baseline", "guidance-tuned": "guidance-tuned", "slg-tuned": "slg-tuned"}
+SETTING_TAGS = {
+    "baseline": "baseline",
+    "guidance-tuned": "guidance-tuned",
+    "slg-tuned": "slg-tuned",
+    "shift-tuned": "shift-tuned",
+    "schedule-tuned": "schedule-tuned",
+}
 
 
 def evaluation_frames(
@@ -64,13 +70,21 @@ def headline_table(
         setting_label("baseline", default),
         setting_label("guidance-tuned", low),
         setting_label("slg-tuned", low),
+        setting_label("shift-tuned", low),
+        setting_label("schedule-tuned", low),
         setting_label("calibri", low),
     ]
     references = [
         (setting_label("baseline", low), "vs baseline (same NFE)"),
         (setting_label("guidance-tuned", low), "vs guidance-tuned"),
+        (setting_label("shift-tuned", low), "vs shift-tuned"),
+        (setting_label("schedule-tuned", low), "vs schedule-tuned"),
         (setting_label("baseline", 2 * low), "vs baseline at 2x NFE"),
     ]
+    # the shift and schedule columns only where those were tuned (older runs and other presets keep their table)
+    present = set(comparisons["reference"].to_list()) if comparisons.height else set()
+    optional = {setting_label("shift-tuned", low), setting_label("schedule-tuned", low)}
+    references = [r for r in references if r[0] not in optional or r[0] in present]
     rows = []
     for label in dict.fromkeys(order):
         name, steps = label.rsplit("@", 1)
@@ -100,4 +114,29 @@ def setting_means(evaluations: pl.DataFrame, low: int, rewards: list[str]) -> pl
     return wide.select(["label", *[r for r in rewards if r in wide.columns]])
 
 
-__all__ = ["headline_table", "setting_means", "evaluation_frames", "SETTING_TAGS"]
+def verdict_line(comparisons: pl.DataFrame, tunings: pl.DataFrame, reward: str, low: int) -> str | None:
+    """One sentence: what Calibri@L adds over the best cheap alternative, the one with the highest
+    *validation* mean (the test split only reports), as a paired difference with its 95% CI."""
+    if tunings.height == 0:
+        return None
+    rows = tunings.sort(["val_mean", "name"], descending=[True, False]).iter_rows(named=True)
+    for best in rows:  # the best alternative the evaluation compared Calibri with
+        ref = setting_label(best["name"], low)
+        c = comparisons.filter(
+            (pl.col("reward") == reward)
+            & (pl.col("setting") == setting_label("calibri", low))
+            & (pl.col("reference") == ref)
+        )
+        if c.height:
+            break
+    else:
+        return None
+    delta, lo, hi, n = c.select("delta", "ci_low", "ci_high", "n").row(0)
+    verdict = "better" if lo > 0 else ("worse" if hi < 0 else "not shown different")
+    return (
+        f"Calibri@{low} vs the best cheap alternative on validation, {ref} ({best['label']}): "
+        f"{delta:+.3f} [{lo:+.3f}, {hi:+.3f}] {reward} on {n} held-out images: {verdict}"
+    )
+
+
+__all__ = ["headline_table", "setting_means", "evaluation_frames", "verdict_line", "SETTING_TAGS"]

@@ -692,7 +692,7 @@ CASES: list[Case] = [
         "`calibri demo --preset flux-turbo`",
         _demo_args("--preset", "flux-turbo"),
         DemoUsageError,
-        r"unknown preset 'flux-turbo'; the demo runs one of embedded-default, embedded-gate-cfg, embedded-2-steps",
+        r"unknown preset 'flux-turbo'; the demo runs one of embedded-default, embedded-4-steps, embedded-gate-cfg, embedded-2-steps",
         DEMO_CHECKED,
     ),
     Case(

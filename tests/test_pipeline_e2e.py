@@ -51,9 +51,20 @@ def _catalog(home: Path):
 def test_demo_prints_the_headline_table(demo_home):
     home, out = demo_home
     assert "Held-out test prompts" in out
-    for setting in ("baseline@4", "baseline@2", "guidance-tuned@2", "slg-tuned@2", "calibri@2"):
+    # its first line: Calibri against the alternative that was best on validation, with the paired CI
+    first = out.strip().splitlines()[0]
+    assert first.startswith("Calibri@2 vs the best cheap alternative on validation, ") and "held-out images" in first
+    best = _catalog(home).query("SELECT name FROM tunings ORDER BY val_mean DESC, name LIMIT 1").item()
+    assert f"{best}@2" in first
+    for setting in ("baseline@4", "baseline@2", "guidance-tuned@2", "shift-tuned@2", "schedule-tuned@2", "calibri@2"):
         assert f"| {setting} |" in out
-    for column in ("vs baseline (same NFE)", "vs guidance-tuned", "vs baseline at 2x NFE"):
+    for column in (
+        "vs baseline (same NFE)",
+        "vs guidance-tuned",
+        "vs shift-tuned",
+        "vs schedule-tuned",
+        "vs baseline at 2x NFE",
+    ):
         assert column in out
     assert "calibri sql" in out and str(home / "catalog.duckdb") in out
 
@@ -75,14 +86,20 @@ def test_catalog_holds_every_stage(demo_home):
     assert cat.count("images", {"run_key": key, "calibration": "baseline"}) == 6 * 2 * 2
     run = cat.query("SELECT * FROM calibration_runs").row(0, named=True)
     assert run["status"] == "finished" and run["granularity"] == "block" and run["n_models"] == 2
-    # the CFG ensemble: per block a conditional and an unconditional coefficient, then the two weights
-    assert len(run["vector"]) == 2 * len(run["names"]) + 2 == 2 * n_blocks + 2
+    # the CFG ensemble: per block a conditional and an unconditional coefficient, then the two weights,
+    # once for the first step and once for the rest (time-dependent)
+    assert len(run["vector"]) == 2 * (2 * len(run["names"]) + 2) == 2 * (2 * n_blocks + 2)
     assert run["best_val"] >= run["baseline_val"]
     assert json.loads(run["noise"])["bucket_images"] == 4  # the noise probe's report is kept with the run
     assert cat.count("images", {"run_key": key, "calibration": run["run_id"]}) == 6 * 2
-    for tag in ("guidance-tuned", "slg-tuned"):
+    for tag in ("guidance-tuned", "shift-tuned", "schedule-tuned"):
         assert cat.count("images", {"run_key": key, "calibration": tag}) == 6 * 2
-    assert set(cat.query("SELECT name FROM tunings")["name"]) == {"guidance-tuned", "slg-tuned"}
+    tunings = {r["name"]: r for r in cat.query("SELECT * FROM tunings").iter_rows(named=True)}
+    assert set(tunings) == {"guidance-tuned", "shift-tuned", "schedule-tuned"}
+    # the guidance schedule is tuned at the tuned shift, around its guidance
+    shift = json.loads(tunings["shift-tuned"]["params"])["shift"]
+    assert json.loads(tunings["schedule-tuned"]["params"])["shift"] == shift
+    assert json.loads(run["config"])["shift"] is None  # calibrated at the model's own schedule
     # every image row points into the image cache, and the cache holds each image once
     assert cat.query("SELECT count(*) FROM images i ANTI JOIN image_cache c ON c.image_key = i.image_id").item() == 0
     assert cat.query("SELECT count(*) - count(DISTINCT image_key) FROM image_cache").item() == 0
@@ -92,26 +109,43 @@ def test_catalog_holds_every_stage(demo_home):
         "SELECT reward, count(*) AS n, count(*) FILTER (WHERE isfinite(score)) AS finite FROM scores GROUP BY reward"
     )
     assert set(scores["reward"]) == {"world_score", "world_alignment", "world_accuracy", "world_quality"}
-    assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 3 * 12).all()
+    assert (scores["n"] == scores["finite"]).all() and (scores["n"] == 24 + 4 * 12).all()
     assert cat.count("ablations") == n_blocks and cat.count("sweeps") == n_blocks * 2
     gens = cat.query("SELECT * FROM cmaes_generations ORDER BY generation")
     assert gens.height == run["generations"] >= 2
     assert cat.count("cmaes_candidates", {"run_id": run["run_id"]}) == 4 * gens.height
     evals = cat.query("SELECT DISTINCT nfe FROM evaluations ORDER BY nfe")["nfe"].to_list()
     assert evals == [1, 2, 4]
-    # baseline at 1, 2, 4 steps; guidance-tuned and Calibri at 1 and 2; SLG at 2: x 4 rewards
-    assert cat.count("evaluations") == (3 + 2 + 2 + 1) * 4
+    # baseline at 1, 2, 4 steps; guidance-tuned and Calibri at 1 and 2; shift- and schedule-tuned at 2: x 4 rewards
+    assert cat.count("evaluations") == (3 + 2 + 2 + 2) * 4
     comparisons = cat.query("SELECT DISTINCT reference FROM comparisons ORDER BY ALL")["reference"].to_list()
-    assert comparisons == ["baseline@2", "baseline@4", "guidance-tuned@2"]
+    assert comparisons == ["baseline@2", "baseline@4", "guidance-tuned@2", "schedule-tuned@2", "shift-tuned@2"]
     div = cat.query("SELECT calibration, nfe, count(*) AS n, avg(diversity) AS d FROM diversity GROUP BY ALL")
-    assert div.height == 5 and (div["n"] == 6).all()  # baseline at 2 and 4 steps, the three settings at 2
+    assert div.height == 6 and (div["n"] == 6).all()  # baseline at 2 and 4 steps, the four settings at 2
 
 
-def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
+def test_the_default_exports_its_schedule(demo_home):
+    """The default is time-dependent: one vector per part of the noise schedule, exported as
+    calibri_schedule.json (a stock checkpoint holds one set of weights)."""
+    home, _ = demo_home
+    run = _catalog(home).query("SELECT * FROM calibration_runs").row(0, named=True)
+    ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    schedule = json.loads((ckpt / "calibri_schedule.json").read_text())
+    assert manifest["mode"] == "schedule" and not (ckpt / "cond").exists()
+    assert schedule["segments"] == [0.9] and schedule["vector"] == pytest.approx(run["vector"])
+
+
+def test_four_step_preset_bakes_a_stock_checkpoint_and_tunes_slg(tmp_path):
+    """`embedded-4-steps` (one set of coefficients): the calibration is baked into checkpoints that stock
+    diffusers loads, and skip-layer guidance is tuned beside the guidance."""
     import torch
     from diffusers import FluxTransformer2DModel
 
-    home, _ = demo_home
+    home = tmp_path / "home"
+    out = _tiny_demo(home, "--preset", "embedded-4-steps")
+    assert "| slg-tuned@2 |" in out and "| calibri@2 |" in out
+    assert set(_catalog(home).query("SELECT name FROM tunings")["name"]) == {"guidance-tuned", "slg-tuned"}
     ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["mode"] == "cfg" and manifest["members"] == ["cond", "uncond"]
@@ -126,21 +160,6 @@ def test_exported_checkpoint_loads_with_stock_diffusers(demo_home):
     target = space.groups[0][0].target
     c = manifest["vector"][0]
     torch.testing.assert_close(model.get_submodule(target).weight, original.get_submodule(target).weight * c)
-
-
-def test_time_dependent_preset_runs_the_chain_and_exports_a_schedule(tmp_path):
-    """`embedded-2-steps`: one vector per part of the noise schedule, through every asset, exported
-    as calibri_schedule.json (a stock checkpoint holds one set of weights)."""
-    home = tmp_path / "home"
-    assert "| calibri@2 |" in _tiny_demo(home, "--preset", "embedded-2-steps")
-    run = _catalog(home).query("SELECT * FROM calibration_runs").row(0, named=True)
-    per_part = 2 * _n_blocks() + 2  # the CFG ensemble's coefficients and its two weights
-    assert run["status"] == "finished" and len(run["vector"]) == 2 * per_part  # first step, then the rest
-    ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    schedule = json.loads((ckpt / "calibri_schedule.json").read_text())
-    assert manifest["mode"] == "schedule" and not (ckpt / "cond").exists()
-    assert schedule["segments"] == [0.8] and schedule["vector"] == pytest.approx(run["vector"])
 
 
 def test_demo_runs_the_preset_job_on_partitions_that_all_exist(demo_home, monkeypatch):

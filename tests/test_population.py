@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -278,3 +279,67 @@ def test_calibrate_warm_start_and_resume_after_a_crash(backbone):
     assert resumed.search.validations == reference.search.validations
     with pytest.raises(ValueError, match="warm_start must have 5 entries"):
         calibrate(backbone, space, train, val, ColourMatch(), steps=2, guidance=2.5, config=cfg, warm_start=[1.0, 1.0])
+
+
+def test_the_schedule_shift_is_a_sampling_setting_with_its_own_images(backbone):
+    """A shift other than the backbone's changes the images and their cache key; the default shift
+    keeps today's key, and the shift-tuned alternative is the best (shift, guidance) cell of its grid."""
+    from calibri_pipeline.method.alternatives import tune_shift
+    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+
+    prompts, seeds = make_prompts(3, "val", 70), [1, 2, 3]
+    plain = LocalEvaluator(backbone, None, [ColourMatch()], SamplingSettings(steps=2))
+    assert plain.sampling.shift == backbone.sigma_shift() == 1.0
+    same = plain.with_sampling(shift=1.0)
+    shifted = plain.with_sampling(shift=3.0)
+    base, again, moved = (ev(None, prompts, seeds, keep_images=True) for ev in (plain, same, shifted))
+    assert base.keys == again.keys and torch.equal(base.images, again.images)  # the same computation replayed
+    assert not set(base.keys[0]) & set(moved.keys[0])
+    assert (base.images - moved.images).abs().max() > 1e-2  # the schedule really changed
+    # the sampler's own loop at that shift is what the evaluator made (8-bit images: 1/255 apart at most)
+    direct = backbone.sample([p.text for p in prompts], seeds, SamplingSettings(steps=2, guidance=2.5, shift=3.0))
+    torch.testing.assert_close(moved.images, direct, atol=1 / 255 + 1e-6, rtol=0)
+    with pytest.raises(ValueError, match="shift must be"):
+        SamplingSettings(shift=0.0)
+
+    tuned = tune_shift(plain, prompts, [1], shifts=(1.0, 3.0), guidances=(1.5, 2.5))  # cells: prompts x seed 1
+    grid = tuned.table.sort(["mean", "label"], descending=[True, False])
+    assert tuned.table.height == 4 and set(tuned.table["shift"].to_list()) == {1.0, 3.0}
+    assert tuned.label == grid["label"][0] and tuned.val_mean == pytest.approx(grid["mean"][0])
+    assert tuned.params["shift"] == tuned.setting.shift and tuned.to_dict()["shift"] == tuned.setting.shift
+    # its (3, 2.5) cell is the shifted evaluator's score on the same cells
+    cell = tuned.table.filter((pl.col("shift") == 3.0) & (pl.col("guidance") == 2.5))
+    expected = shifted(None, prompts, [1, 1, 1]).scores["colour_match"].mean()
+    assert cell["mean"].item() == pytest.approx(float(expected), abs=1e-9)
+    with pytest.raises(ValueError, match="shifts must be > 0"):
+        tune_shift(plain, prompts, seeds, shifts=(0.0,), guidances=(2.5,))
+
+
+def test_a_guidance_schedule_is_a_point_of_the_time_dependent_cfg_layout(backbone):
+    """One guidance per part of the schedule: a constant one is bitwise the unmodified model (one cache
+    entry), another one differs only where its part runs, and the tuner returns its grid's best."""
+    from calibri_pipeline.method.alternatives import guidance_schedule_vector, tune_guidance_schedule
+    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.9,))
+    prompts, seeds = make_prompts(2, "val", 90), [4, 5]
+    plain = LocalEvaluator(backbone, search, [ColourMatch()], SamplingSettings(steps=2, guidance=2.5))
+    constant = guidance_schedule_vector(search, [2.5, 2.5])
+    torch.testing.assert_close(constant, search.x0(2.5))
+    base = plain(None, prompts, seeds, keep_images=True)
+    same = plain(constant[None], prompts, seeds, keep_images=True)
+    assert same.keys == base.keys and torch.equal(same.images, base.images)
+    # guidance 1 in the first step: the unmodified model at guidance 1 for that step, 2.5 for the second
+    first = plain(guidance_schedule_vector(search, [1.0, 2.5])[None], prompts, seeds, keep_images=True)
+    assert (first.images - base.images).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="2 parts"):
+        guidance_schedule_vector(search, [1.0, 2.0, 3.0])
+
+    tuned = tune_guidance_schedule(plain, search, prompts, [4], around=2.5, offsets=(-1.5, 0.0))
+    assert tuned.table.height == 4 and tuned.params["guidances"] in ([1.0, 1.0], [1.0, 2.5], [2.5, 1.0], [2.5, 2.5])
+    grid = tuned.table.sort(["mean", "label"], descending=[True, False])
+    assert tuned.label == grid["label"][0] and tuned.val_mean >= float(
+        tuned.table.filter(pl.col("label") == "schedule 2.5 / 2.5")["mean"].item()
+    )
+    torch.testing.assert_close(tuned.setting.vector, guidance_schedule_vector(search, tuned.params["guidances"]))

@@ -138,7 +138,7 @@ def test_a_preset_becomes_the_core_arguments():
         default_guidance = 3.5
 
     space = _space()
-    default = get_preset("embedded-default")
+    default = get_preset("embedded-4-steps")  # the paper's setting on the toy: one part of the schedule
     assert default.start == "guidance-tuned"
     preset = default.with_overrides(start="stock")  # the stock start first: x0 is the unmodified model
     cfg = search_config(preset, seed=3)
@@ -172,6 +172,32 @@ def test_a_preset_becomes_the_core_arguments():
         calibration_arguments(preset, Toy(), space, sweep=None)
     with pytest.raises(ValueError, match="tune the guidance first"):
         calibration_arguments(default, Toy(), space, sweep=sweep)
+    # on top of the shift-tuned model: x0 at its guidance, and the whole search samples at its shift
+    shifted = preset.with_overrides(start="shift-tuned", alternatives=("guidance", "shift"))
+    on_shift = calibration_arguments(shifted, Toy(), space, sweep=sweep, tuned_guidance=1.5, tuned_shift=3.0)
+    assert on_shift["shift"] == 3.0 and started["shift"] is None
+    np.testing.assert_allclose(on_shift["warm_start"][-2:], [1.5, -0.5])
+    with pytest.raises(ValueError, match="tune the shift first"):
+        calibration_arguments(shifted, Toy(), space, sweep=sweep, tuned_guidance=1.5)
+    with pytest.raises(ValueError, match="needs the 'shift' alternative"):
+        preset.with_overrides(start="shift-tuned", alternatives=("guidance",))
+    # the tuned guidance schedule (one scale per part) at the tuned shift as x0
+    demo = get_preset("embedded-default").with_overrides(start="schedule-tuned")
+    assert demo.segments and demo.calibration_steps == 2 and "schedule" in demo.alternatives
+    scheduled = calibration_arguments(
+        demo, Toy(), space, sweep=sweep, tuned_guidance=2.0, tuned_shift=3.0, tuned_schedule=[2.5, 1.5]
+    )
+    assert scheduled["shift"] == 3.0
+    part = SearchSpace.for_model(space, 2, uses_cfg=True).dimension
+    np.testing.assert_allclose(scheduled["warm_start"][part - 2 : part], [2.5, -1.5])  # first part's CFG pair
+    np.testing.assert_allclose(scheduled["warm_start"][-2:], [1.5, -0.5])
+    np.testing.assert_allclose(scheduled["warm_start"][: part - 2], 1.0)
+    with pytest.raises(ValueError, match="tune the schedule first"):
+        calibration_arguments(demo, Toy(), space, sweep=sweep, tuned_guidance=2.0, tuned_shift=3.0)
+    with pytest.raises(ValueError, match="cannot start"):
+        calibration_arguments(demo, Toy(), space, sweep=sweep, tuned_schedule=[2.0])
+    with pytest.raises(ValueError, match="needs segments and the CFG ensemble"):
+        demo.with_overrides(segments=())
     with pytest.raises(ValueError, match="scaling must be one of"):
         preset.with_overrides(scaling="magic")
 
@@ -188,6 +214,7 @@ def test_a_preset_becomes_the_core_arguments():
         "baseline": f"baseline@{low}",
         "twice the NFE": f"baseline@{2 * low}",
         "guidance-tuned": f"guidance-tuned@{low}",
+        "slg-tuned": f"slg-tuned@{low}",
     }
     assert {
         f"baseline@{low}",
@@ -197,6 +224,15 @@ def test_a_preset_becomes_the_core_arguments():
         f"slg-tuned@{low}",
     } <= set(settings)
     assert settings[f"guidance-tuned@{low}"].guidance == 2.0 and settings[f"slg-tuned@{low}"].search.n_models == 3
+    assert "shift-tuned" not in references and settings[f"calibri@{low}"].shift is None
+    # a shift-tuned alternative (a catalog row: its shift in the params JSON) and Calibri calibrated on top of it
+    tunings["shift-tuned"] = {"name": "shift-tuned", "guidance": 1.5, "params": '{"shift": 3.0, "guidance": 1.5}'}
+    settings, references = comparison_settings(
+        preset, calibri=(search, search.x0(1.5).tolist(), 3.5), tunings=tunings, slg_space=space, calibri_shift=3.0
+    )
+    assert references["shift-tuned"] == f"shift-tuned@{low}"
+    assert settings[f"shift-tuned@{low}"].shift == 3.0 and settings[f"shift-tuned@{low}"].guidance == 1.5
+    assert all(settings[f"calibri@{n}"].shift == 3.0 for n in {low, *preset.nfe_list})
 
 
 def test_headline_table_reads_the_catalog_rows():

@@ -75,7 +75,7 @@ def calibration(
     from calibri_pipeline.method.analysis import plot_search_history
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.models import ModelFactory
-    from calibri_pipeline.recipes import calibration_arguments, search_config
+    from calibri_pipeline.recipes import calibration_arguments, search_config, start_arguments, start_tuning
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset, store, cat = stage.preset, stage.store, stage.catalog
@@ -88,7 +88,8 @@ def calibration(
     sweep = cat.query(
         "SELECT block AS name, alpha, delta FROM sweeps WHERE model = ? AND reward = ?", [stage.model, stage.reward]
     )
-    tuned = load_tunings(stage).get("guidance-tuned")
+    tunings = load_tunings(stage)
+    tuned = tunings.get(start_tuning(preset) or "guidance-tuned")
     try:
         arguments = calibration_arguments(
             preset,
@@ -96,7 +97,7 @@ def calibration(
             space,
             sweep=sweep,
             warm_start=warm,
-            tuned_guidance=None if tuned is None else tuned["guidance"],
+            **start_arguments(preset, tunings),
         )
     except ValueError as error:
         raise dg.Failure(str(error)) from error
@@ -110,13 +111,14 @@ def calibration(
         n_models=preset.n_models,
         checkpoint=stage.model if "--" in stage.model else None,
         warm_start_from=warm_from
-        or (f"guidance-tuned ({tuned['label']})" if preset.start == "guidance-tuned" and tuned else None),
+        or (f"{tuned['name']} ({tuned['label']})" if start_tuning(preset) and tuned else None),
         names=list(space.names),
         config=json.dumps(
             {
                 "preset": preset.to_dict(),
                 "search": cfg.to_dict(),
                 "guidance": arguments["guidance"],
+                "shift": arguments["shift"],
                 "initial_stds": arguments.get("initial_stds"),
             }
         ),

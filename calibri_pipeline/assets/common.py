@@ -156,7 +156,9 @@ class CalibriConfig(dg.Config):
     weights: str | None = Field(
         default=None, description="paper | guidance (the CFG pair searched as guidance x scale)"
     )
-    start: str | None = Field(default=None, description="stock | guidance-tuned (where CMA-ES starts)")
+    start: str | None = Field(
+        default=None, description="stock | guidance-tuned | shift-tuned | schedule-tuned (where CMA-ES starts)"
+    )
     separable: bool | None = None
     probe_buckets: int | None = None
     target_gain: float | None = None
@@ -165,6 +167,11 @@ class CalibriConfig(dg.Config):
     confirm_top: int | None = None
     alternatives: list[str] | None = None
     guidance_grid: list[float] | None = None
+    shift_grid: list[float] | None = Field(default=None, description="timestep shifts tuned with the guidance grid")
+    schedule_offsets: list[float] | None = Field(
+        default=None, description="guidance schedule: offsets from the tuned guidance, per part of the schedule"
+    )
+    segments: list[float] | None = Field(default=None, description="noise levels that cut the schedule into parts")
     slg_candidates: int | None = None
     slg_scales: list[float] | None = None
     nfe_list: list[int] | None = None

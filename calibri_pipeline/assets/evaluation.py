@@ -39,7 +39,7 @@ def evaluation(
     object_store: ObjectStoreResource,
     compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    """Test prompts: baseline, guidance-tuned, SLG-tuned and Calibri at the calibration NFE, the baseline at
+    """Test prompts: baseline, guidance-tuned, SLG-tuned, shift-tuned and Calibri at the calibration NFE, the baseline at
     twice that and at the default, the NFE study; every reward, paired CIs against the references."""
     import json
 
@@ -65,7 +65,11 @@ def evaluation(
     run_guidance = run_config.get("guidance")
     tunings = load_tunings(stage)
     settings, references = comparison_settings(
-        preset, calibri=(search, list(run["vector"]), run_guidance), tunings=tunings, slg_space=stage.space("block")
+        preset,
+        calibri=(search, list(run["vector"]), run_guidance),
+        tunings=tunings,
+        slg_space=stage.space("block"),
+        calibri_shift=run_config.get("shift"),
     )
     test = stage.prompts("test")
     rewards = stage.rewards(stage.eval_reward_names)  # loaded once for every setting
@@ -85,7 +89,7 @@ def evaluation(
     low = preset.calibration_steps
     score_matrix = result.scores
     labels = list(settings)
-    for name in ("calibri", "guidance-tuned", "slg-tuned"):
+    for name in ("calibri", "guidance-tuned", "slg-tuned", "shift-tuned", "schedule-tuned"):
         label = f"{name}@{low}"
         if label not in keys:
             continue

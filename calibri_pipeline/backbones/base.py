@@ -222,7 +222,7 @@ class SamplingBackbone:
         max_batch = settings.max_batch or self.default_max_batch
         guidance = float(settings.guidance) if settings.guidance is not None else None
         noise = self.initial_noise(seeds)
-        shift = self.sigma_shift()
+        shift = settings.shift
         self.prepare_texts(texts)
         out = torch.empty(n, *self.image_shape())
         for start in range(0, n, max_batch):

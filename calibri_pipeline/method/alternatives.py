@@ -8,6 +8,15 @@
   skipped. The paper notes that a Calibri ensemble generalises it, and here it *is* one: the CFG
   layout with a third (conditional) member whose coefficients are 0 on the skipped blocks, weights
   ``g + s, 1 - g, -s`` (:func:`slg_vector`). Blocks and scale are chosen on validation.
+- **shift-tuned**: the flow sampler's timestep shift (``flow_sigmas(steps, shift)``: ``shift > 1``
+  spends more of the steps at high noise) jointly with the guidance scale, a grid of both. It is the
+  first knob a FLUX / SD-3 user turns to cut steps; with shift 1 in its grid it is never worse on
+  validation than guidance-tuned.
+- **schedule-tuned**: one guidance scale per part of the noise schedule (the parts of a
+  time-dependent calibration), at the tuned shift: a local grid around the tuned constant guidance.
+  It is a point of the time-dependent CFG layout (every coefficient 1, weights ``g_j, 1 - g_j`` in
+  part ``j``), so it separates what per-step guidance alone gives from what the block coefficients
+  add, and Calibri can start from it.
 - **more steps**: the baseline at a higher NFE needs no tuning (the NFE study).
 
 Each tuner scores its grid with one evaluator on the same validation cells and returns the best
@@ -33,6 +42,7 @@ if TYPE_CHECKING:
 
 DEFAULT_GUIDANCE_GRID = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0)
 DEFAULT_SLG_SCALES = (0.5, 1.0, 2.0)
+DEFAULT_SHIFT_GRID = (1.0, 2.0, 3.0, 4.0)
 
 
 @dataclass
@@ -55,6 +65,7 @@ class Tuned:
             "params": self.params,
             "steps": self.setting.steps,
             "guidance": self.setting.guidance,
+            "shift": self.setting.shift,
             "vector": None if vector is None else [float(v) for v in torch.as_tensor(vector).reshape(-1)],
         }
 
@@ -84,6 +95,83 @@ def tune_guidance(
     label, mean = _best(result, reward)
     chosen = settings[label]
     return Tuned("guidance-tuned", label, chosen, mean, result.table, {"guidance": chosen.guidance, "default": default})
+
+
+def tune_shift(
+    evaluator: PopulationEvaluator,
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    *,
+    shifts: Sequence[float] = DEFAULT_SHIFT_GRID,
+    guidances: Sequence[float] = DEFAULT_GUIDANCE_GRID,
+    steps: int | None = None,
+    reward: str | None = None,
+) -> Tuned:
+    """The unmodified model over ``shifts`` x ``guidances`` (plus the defaults), best by mean ``reward``.
+
+    Every setting is scored on the same cells; the reference of the table is the default
+    (shift, guidance). Ties go to the first label in sort order, so a tie with shift 1 keeps it.
+    """
+    default_g, default_s = float(evaluator.sampling.guidance), float(evaluator.sampling.shift)
+    if any(not float(s) > 0 for s in shifts):
+        raise ValueError(f"shifts must be > 0, got {list(shifts)}")
+    shift_values = sorted({float(s) for s in shifts} | {default_s})
+    guidance_values = sorted({float(g) for g in guidances} | {default_g})
+    settings = {
+        f"shift {s:g} guidance {g:g}": Setting(None, steps=steps, guidance=g, shift=s)
+        for s in shift_values
+        for g in guidance_values
+    }
+    reference = f"shift {default_s:g} guidance {default_g:g}"
+    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
+    reward = reward or evaluator.rewards[0].name
+    label, mean = _best(result, reward)
+    chosen = settings[label]
+    params = {"shift": chosen.shift, "guidance": chosen.guidance, "default_shift": default_s, "default": default_g}
+    return Tuned("shift-tuned", label, chosen, mean, result.table, params)
+
+
+def guidance_schedule_vector(search: SearchSpace, guidances: Sequence[float]) -> torch.Tensor:
+    """The unmodified model with guidance ``guidances[j]`` in part ``j`` of the schedule, as a vector of the
+    time-dependent CFG layout ``search`` (all-ones coefficients, the CFG pair ``[g_j, 1 - g_j]`` per part)."""
+    if search.layout.mode != "cfg":
+        raise ValueError(f"a guidance schedule needs the CFG ensemble layout, got mode {search.layout.mode!r}")
+    if len(guidances) != search.n_segments:
+        raise ValueError(f"got {len(guidances)} guidance scales for {search.n_segments} parts of the schedule")
+    return torch.cat([search.layout.initial(float(g)) for g in guidances])
+
+
+def tune_guidance_schedule(
+    evaluator: PopulationEvaluator,
+    search: SearchSpace,
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    *,
+    around: float,
+    offsets: Sequence[float] = (-0.5, 0.0, 0.5),
+    steps: int | None = None,
+    shift: float | None = None,
+    reward: str | None = None,
+) -> Tuned:
+    """Every schedule ``around + offsets[i_j]`` (one offset per part; guidance kept >= 0.5) at ``shift``,
+    best by mean ``reward``; the reference is the constant guidance ``around``, so the tuned schedule is
+    never worse than it on these cells."""
+    import itertools
+
+    if search.n_segments < 2:
+        raise ValueError("a guidance schedule needs a time-dependent search space (segments)")
+    values = sorted({max(0.5, float(around) + float(o)) for o in offsets} | {float(around)})
+    settings, params = {}, {}
+    for combo in itertools.product(values, repeat=search.n_segments):
+        label = "schedule " + " / ".join(f"{g:g}" for g in combo)
+        vector = guidance_schedule_vector(search, combo)
+        settings[label] = Setting(vector, steps=steps, guidance=float(around), search=search, shift=shift)
+        params[label] = {"guidances": list(combo), "shift": shift, "segments": list(search.segments)}
+    reference = "schedule " + " / ".join(f"{float(around):g}" for _ in range(search.n_segments))
+    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
+    reward = reward or evaluator.rewards[0].name
+    label, mean = _best(result, reward)
+    return Tuned("schedule-tuned", label, settings[label], mean, result.table, params[label])
 
 
 def slg_search(space: CalibrationSpace) -> SearchSpace:

@@ -238,7 +238,8 @@ def scale_sweep(
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to sample: a Calibri vector (``None`` = the unmodified model) at a step count and guidance.
+    """One way to sample: a Calibri vector (``None`` = the unmodified model) at a step count, guidance
+    and sigma shift (``None``: the evaluator's).
 
     ``search`` is the vector's search space (None: the evaluator's own), so one comparison can hold
     vectors of different granularities and ensemble sizes (block calibration, the CFG ensemble,
@@ -249,6 +250,7 @@ class Setting:
     steps: int | None = None
     guidance: float | None = None
     search: SearchSpace | None = None
+    shift: float | None = None
 
 
 def evaluate_settings(
@@ -271,7 +273,7 @@ def evaluate_settings(
     ``delta_high``); ``references`` (label -> reference label) adds the paired differences of
     every setting against each further reference to ``meta["comparisons"]``. ``clusters="prompt"``
     resamples whole prompts instead of cells.
-    Table columns: ``label, steps, guidance, n_models, reward, mean, ci_low, ci_high, n_cells[, delta, delta_low, delta_high]``.
+    Table columns: ``label, steps, guidance, shift, n_models, reward, mean, ci_low, ci_high, n_cells[, delta, delta_low, delta_high]``.
     """
     if not settings:
         raise ValueError("no settings to evaluate")
@@ -284,29 +286,32 @@ def evaluate_settings(
     cell_prompts, cell_seeds, cells = _cells(prompts, seeds)
     cluster_ids = [c["prompt_id"] for c in cells] if clusters == "prompt" else None
 
-    resolved: dict[str, tuple[int, float | None, Any, torch.Tensor | None]] = {}
+    resolved: dict[str, tuple[int, float | None, Any, torch.Tensor | None, float]] = {}
     for label, setting in settings.items():
         if not isinstance(setting, Setting):
             raise TypeError(f"settings[{label!r}] must be a Setting, got {type(setting).__name__}")
         steps = setting.steps if setting.steps is not None else evaluator.sampling.steps
         guidance = setting.guidance if setting.guidance is not None else evaluator.sampling.guidance
+        shift = float(setting.shift) if setting.shift is not None else evaluator.sampling.shift
         if setting.vector is None:
-            resolved[label] = (steps, guidance, None, None)
+            resolved[label] = (steps, guidance, None, None, shift)
         else:
             search = setting.search if setting.search is not None else evaluator.search
             if search is None:
                 raise ValueError(f"setting {label!r} has a Calibri vector: give its search space (Setting.search)")
-            resolved[label] = (steps, guidance, search, search.check(setting.vector)[0])
+            resolved[label] = (steps, guidance, search, search.check(setting.vector)[0], shift)
 
     per_label: dict[str, dict[str, np.ndarray]] = {}
     keys: dict[str, list[str]] = {}  # the image-cache key of every cell, per label
-    groups: dict[tuple[int, float | None, int], list[str]] = {}
-    for label, (steps, guidance, search, _) in resolved.items():
-        groups.setdefault((steps, guidance, id(search)), []).append(label)
-    for (steps, guidance, _), labels in groups.items():
+    groups: dict[tuple[int, float | None, int, float], list[str]] = {}
+    for label, (steps, guidance, search, _, shift) in resolved.items():
+        groups.setdefault((steps, guidance, id(search), shift), []).append(label)
+    for (steps, guidance, _, shift), labels in groups.items():
         search = resolved[labels[0]][2]
-        ev = evaluator.with_search(search).with_sampling(steps=steps, guidance=guidance)
+        ev = evaluator.with_search(search).with_sampling(steps=steps, guidance=guidance, shift=shift)
         tag = f"{len(labels)} setting(s) at {steps} steps, guidance {guidance:g}" if guidance is not None else None
+        if tag is not None and shift != 1.0:
+            tag += f", shift {shift:g}"
         if search is None:  # the unmodified model: one evaluation serves every such label
             result = ev(None, cell_prompts, cell_seeds, label=tag)
             for label in labels:
@@ -331,7 +336,7 @@ def evaluate_settings(
 
     rows = []
     for label in settings:
-        steps, guidance, search, _ = resolved[label]
+        steps, guidance, search, _, shift = resolved[label]
         for r in reward_list:
             values = per_label[label][r.name]
             ci = bootstrap_ci(values, clusters=cluster_ids, n_boot=n_boot, level=level, seed=bootstrap_seed)
@@ -339,6 +344,7 @@ def evaluate_settings(
                 "label": label,
                 "steps": steps,
                 "guidance": guidance,
+                "shift": shift,
                 "n_models": 0 if search is None else search.n_models,
                 "reward": r.name,
                 "mean": ci.mean,

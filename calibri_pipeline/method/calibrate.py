@@ -179,6 +179,7 @@ class RewardObjective:
             "rewards": self.reward_weights,
             "steps": ev.sampling.steps,
             "guidance": ev.sampling.guidance,
+            "shift": ev.sampling.shift,
             "n_models": 1 if search is None else search.n_models,
         }
 
@@ -209,6 +210,7 @@ class CalibrationResult:
     steps: int
     guidance: float | None
     segments: tuple[float, ...] = ()
+    shift: float = 1.0  # the sampler's sigma shift the vector was calibrated at
 
     @property
     def vector(self) -> np.ndarray:
@@ -256,6 +258,7 @@ class CalibrationResult:
             "vector": self.search.vector.tolist(),
             "steps": self.steps,
             "guidance": self.guidance,
+            "shift": self.shift,
             "val_score": self.search.val_score,
             "baseline_val_score": self.search.baseline_val_score,
             "best_generation": self.search.best_generation,
@@ -275,6 +278,7 @@ def calibrate(
     reward_weights: Mapping[str, float] | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    shift: float | None = None,
     n_models: int = 1,
     warm_start: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     config: SearchConfig | None = None,
@@ -300,7 +304,8 @@ def calibrate(
     ``reward_weights`` (default: weight 1 for a single reward; rewards with
     ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
     (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
-    part starts from the layout's x0). ``steps``/``guidance`` default to the backbone's. Validation
+    part starts from the layout's x0). ``steps``/``guidance``/``shift`` (the flow schedule's sigma
+    shift, e.g. a tuned one to calibrate on top of) default to the backbone's. Validation
     cells: ``val_seeds`` (one per cell) or ``val_seeds_per_prompt`` (every validation prompt with each
     seed; the noise probe extends them with the next integers), else seeds drawn from the search seed.
     ``pool`` makes the images on Ray workers (default: in-process); ``cache`` keeps validation
@@ -315,7 +320,7 @@ def calibrate(
     search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg), segments=segments)
     layout = search.layout
     sampling = SamplingSettings(
-        steps=steps, guidance=guidance, max_batch=max_batch, memory_budget_mb=memory_budget_mb
+        steps=steps, guidance=guidance, max_batch=max_batch, memory_budget_mb=memory_budget_mb, shift=shift
     ).resolved(backbone)
     x0 = search.x0(sampling.guidance).numpy().astype(np.float64)
     if warm_start is not None:
@@ -386,6 +391,7 @@ def calibrate(
         granularity=space.granularity,
         steps=sampling.steps,
         guidance=sampling.guidance,
+        shift=float(sampling.shift),
     )
 
 

@@ -88,7 +88,8 @@ def _positive_int_or_none(name: str, value: Any) -> int | None:
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How images are sampled: ``steps`` and ``guidance`` (None: the backbone's defaults), and batching.
+    """How images are sampled: ``steps``, ``guidance`` and the sigma ``shift`` of the flow schedule
+    (None: the backbone's defaults), and batching.
 
     ``max_batch`` images per transformer forward (None: derived from ``memory_budget_mb`` when given,
     else the backbone's default); ``chunk_images`` caps how many images are held in memory at once
@@ -100,6 +101,7 @@ class SamplingSettings:
     max_batch: int | None = None
     memory_budget_mb: float | None = None
     chunk_images: int | None = None
+    shift: float | None = None  # flow_sigmas' shift (> 1: more of the steps at high noise)
 
     def __post_init__(self) -> None:
         _positive_int_or_none("steps", self.steps)
@@ -107,19 +109,28 @@ class SamplingSettings:
         _positive_int_or_none("chunk_images", self.chunk_images)
         if self.guidance is not None and not math.isfinite(float(self.guidance)):
             raise ValueError(f"guidance must be a finite number or None, got {self.guidance!r}")
+        if self.shift is not None and not (math.isfinite(float(self.shift)) and float(self.shift) > 0):
+            raise ValueError(f"shift must be a finite number > 0 or None, got {self.shift!r}")
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0):
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
 
     def resolved(self, backbone: Backbone) -> SamplingSettings:
-        """Steps and guidance filled in from the backbone's defaults."""
+        """Steps, guidance and shift filled in from the backbone's defaults."""
         return replace(
             self,
             steps=self.steps if self.steps is not None else backbone.default_steps,
             guidance=self.guidance if self.guidance is not None else backbone.default_guidance,
+            shift=float(self.shift) if self.shift is not None else backbone_shift(backbone),
         )
 
     def with_(self, **changes: Any) -> SamplingSettings:
         return replace(self, **changes)
+
+
+def backbone_shift(backbone: Backbone) -> float:
+    """The sigma shift a backbone samples with by default (1: none)."""
+    shift = getattr(backbone, "sigma_shift", None)
+    return float(shift()) if callable(shift) else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,10 +424,11 @@ class PopulationEvaluator:
 
     @property
     def identity(self) -> dict[str, Any]:
+        """The backbone's identity with the schedule's shift these settings sample at (an image key's part)."""
         if self._identity is None:
             ident = getattr(self.backbone, "identity", None)
             self._identity = dict(ident()) if callable(ident) else {"name": self.model}
-        return self._identity
+        return {**self._identity, "shift": self.sampling.shift}
 
     # -- the call ----------------------------------------------------------------------------
 
