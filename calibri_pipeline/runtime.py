@@ -1,13 +1,15 @@
 """Process-wide settings that every entry point needs before tensors are allocated.
 
-**glibc's allocator.** By default glibc serves every allocation above its mmap threshold (at most
-32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` on free, and trims the heap's top
-whenever more than 128 KiB is free. A sampler allocates and frees the same large activations at
-every transformer call, so each call faults every page of them in anew: the demo took 207 million
-minor page faults and 782 s of system time on the EPYC (DESIGN.md §9). ``tune_allocator`` turns
-both off with ``mallopt`` (no mmap'ed chunks, no trimming), so freed activations go back to the
-heap and the next call reuses pages that are already mapped. The process keeps its peak heap;
-for a sampler that is what it needs again a moment later anyway.
+**glibc's allocator.** By default glibc serves allocations above its mmap threshold (128 KiB at
+first, raised as it sees large frees) with a fresh ``mmap`` and gives them back with ``munmap`` on
+free, and trims the heap's top whenever more than twice that threshold is free. A sampler allocates
+and frees the same activations at every transformer call, so each call faults their pages in anew:
+the demo took 207 million minor page faults and 782 s of system time on the EPYC (DESIGN.md §9).
+``tune_allocator`` sets, with ``mallopt``, the mmap threshold to its maximum (32 MiB) and the trim
+threshold out of reach, so freed activations stay in the heap and the next call reuses pages that
+are already mapped. The process keeps its peak heap; for a sampler that is what it needs again a
+moment later anyway. (Disabling mmap altogether, ``M_MMAP_MAX=0``, was measured too: as fast, but
+same-size blocks of tens of MiB then grew the heap by hundreds of MiB through alignment slack.)
 
 It runs when ``calibri_pipeline`` is imported, so the ``calibri`` commands, Dagster's run and code
 server processes (they import the code location) and the tests all get it. ``mallopt`` acts on
@@ -23,7 +25,8 @@ import os
 
 # glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc refuses more (HEAP_MAX_SIZE / 2 on 64-bit)
 
 ENV = "CALIBRI_MALLOC"
 _state: dict[str, object] = {"tuned": False, "reason": "not run"}
@@ -43,8 +46,10 @@ def tune_allocator() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success, 0 on error
-    ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    _state.update(tuned=ok, reason="mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1" if ok else "mallopt failed")
+    ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    _state.update(
+        tuned=ok, reason="mallopt: M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=2^31-1" if ok else "mallopt failed"
+    )
     return ok
 
 
