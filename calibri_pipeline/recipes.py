@@ -58,7 +58,8 @@ def calibration_arguments(
     guidance scale (``start="guidance-tuned"``: the guidance-tuned baseline's; ``start="shift-tuned"``:
     the shift-tuned one's, with its ``tuned_shift``, which the whole search then samples at;
     ``start="schedule-tuned"``: ``tuned_schedule``, one guidance per part of the schedule, at
-    ``tuned_shift`` when a shift was tuned); ``warm_start``: a previous checkpoint's vector (the sensor), which wins over the tuned start.
+    ``tuned_shift`` when a shift was tuned); ``warm_start``: a previous checkpoint's vector (the
+    sensor), which wins over the tuned start.
     """
     from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.scaling import initial_stds, sweep_curvatures
@@ -135,8 +136,7 @@ def start_arguments(preset: Preset, tunings: dict[str, dict[str, Any]]) -> dict[
     tuned = tunings.get(name)
     if tuned is None:
         return {}
-    params = tuned.get("params")
-    params = json.loads(params) if isinstance(params, str) else (params or {})
+    params = tuning_params(tuned)
     out: dict[str, Any] = {"tuned_guidance": tuned.get("guidance")}
     if name in ("shift-tuned", "schedule-tuned") and params.get("shift") is not None:
         out["tuned_shift"] = float(params["shift"])
@@ -151,7 +151,9 @@ __all__ = [
     "start_tuning",
     "setting_label",
     "comparison_settings",
+    "start_arguments",
     "tuned_shift",
+    "tuning_params",
 ]
 
 
@@ -207,8 +209,7 @@ def comparison_settings(
     if scheduled is not None:
         from calibri_pipeline.method.ensemble import SearchSpace
 
-        params = scheduled.get("params")
-        params = json.loads(params) if isinstance(params, str) else (params or {})
+        params = tuning_params(scheduled)
         settings[setting_label("schedule-tuned", low)] = Setting(
             scheduled["vector"],
             steps=low,
@@ -234,12 +235,17 @@ def comparison_settings(
     return settings, references
 
 
+def tuning_params(tuning: dict[str, Any]) -> dict[str, Any]:
+    """The ``params`` of a tuned alternative: a ``Tuned.to_dict()`` record or a catalog ``tunings`` row (JSON)."""
+    params = tuning.get("params")
+    return json.loads(params) if isinstance(params, str) else dict(params or {})
+
+
 def tuned_shift(tuning: dict[str, Any]) -> float:
-    """The shift of a shift-tuned alternative: a ``Tuned.to_dict()`` or a catalog ``tunings`` row (params JSON)."""
+    """The shift of a shift-tuned alternative (a ``Tuned.to_dict()`` record or a catalog ``tunings`` row)."""
     if tuning.get("shift") is not None:
         return float(tuning["shift"])
-    params = tuning.get("params")
-    params = json.loads(params) if isinstance(params, str) else (params or {})
+    params = tuning_params(tuning)
     if params.get("shift") is None:
         raise ValueError(f"the tuning {tuning.get('name', '?')!r} holds no shift")
     return float(params["shift"])
