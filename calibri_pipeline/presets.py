@@ -132,7 +132,7 @@ class Preset:
         return asdict(self)
 
 
-# the paper's setting on the embedded world: calibrated at 4 steps (the demo's default until 2026-12-06;
+# the paper's setting on the embedded world: calibrated at 4 steps (the demo's default until 2026-12-07;
 # chosen on validation among the configurations in docs/results/selection); it returns the
 # guidance-tuned model: at 4 steps this 8-block model's coefficients add nothing a guidance grid lacks
 EMBEDDED_4_STEPS = Preset(
