@@ -70,13 +70,6 @@ def _unseen_test_prompts(split_seed: int, n: int, exclude: set[str]):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import polars as pl
 
-    from calibri_pipeline.method.alternatives import (
-        slg_layer_candidates,
-        tune_guidance,
-        tune_guidance_schedule,
-        tune_shift,
-        tune_slg,
-    )
     from calibri_pipeline.method.analysis import (
         block_ablation,
         evaluate_settings,
@@ -98,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         comparison_settings,
         search_config,
         start_arguments,
+        tune_alternatives,
     )
     from calibri_pipeline.report import evaluation_frames, headline_table, setting_means
     from calibri_pipeline.rewards.names import WORLD_REWARD_NAMES
@@ -156,47 +150,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stage("sweep + ablation", t0)
 
     t0 = time.perf_counter()
-    tunings: dict[str, dict] = {}
-    tuned_tables = {}
     val_prompts, val_seeds = by_split["val"], list(preset.val_seeds)
-    if "guidance" in preset.alternatives:
-        tuned = tune_guidance(evaluator(None, [reward], steps=low), val_prompts, val_seeds, grid=preset.guidance_grid)
-        tunings["guidance-tuned"] = tuned.to_dict()
-        tuned_tables["guidance"] = tuned.table
-    if "slg" in preset.alternatives and backbone.uses_cfg:
-        tuned = tune_slg(
-            evaluator(None, [reward], steps=low),
-            block.space,
-            val_prompts,
-            val_seeds,
-            layer_sets=slg_layer_candidates(ablation.table, preset.slg_candidates),
-            scales=preset.slg_scales,
-        )
-        tunings["slg-tuned"] = tuned.to_dict()
-        tuned_tables["slg"] = tuned.table
-    if "shift" in preset.alternatives:
-        tuned = tune_shift(
-            evaluator(None, [reward], steps=low),
-            val_prompts,
-            val_seeds,
-            shifts=preset.shift_grid,
-            guidances=preset.guidance_grid,
-        )
-        tunings["shift-tuned"] = tuned.to_dict()
-        tuned_tables["shift"] = tuned.table
-    if "schedule" in preset.alternatives:  # around the best constant guidance, at the tuned shift if any
-        base = tunings.get("shift-tuned") or tunings["guidance-tuned"]
-        tuned = tune_guidance_schedule(
-            evaluator(None, [reward], steps=low),
-            SearchSpace.for_model(block.space, 2, uses_cfg=True, segments=preset.segments),
-            val_prompts,
-            val_seeds,
-            around=float(base["guidance"]),
-            offsets=preset.schedule_offsets,
-            shift=base.get("shift"),
-        )
-        tunings["schedule-tuned"] = tuned.to_dict()
-        tuned_tables["schedule"] = tuned.table
+    tuned = tune_alternatives(
+        preset, evaluator(None, [reward]), block.space, val_prompts, val_seeds, ablation=ablation.table
+    )
+    tunings = {name: t.to_dict() for name, t in tuned.items()}
     stage("alternatives", t0)
 
     t0 = time.perf_counter()

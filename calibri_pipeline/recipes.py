@@ -9,15 +9,18 @@ scale sweep, the tuned guidance), into the search configuration and the keyword 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 if TYPE_CHECKING:
     import polars as pl
 
     from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.alternatives import Tuned
+    from calibri_pipeline.method.population import PopulationEvaluator
     from calibri_pipeline.method.search import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.presets import Preset
+    from calibri_pipeline.prompts.base import Prompt
 
 
 def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
@@ -152,9 +155,73 @@ __all__ = [
     "setting_label",
     "comparison_settings",
     "start_arguments",
+    "tune_alternatives",
     "tuned_shift",
     "tuning_params",
 ]
+
+
+def tune_alternatives(
+    preset: Preset,
+    evaluator: PopulationEvaluator,
+    block_space: CalibrationSpace,
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    *,
+    ablation: pl.DataFrame | None = None,
+    on_tuned: Callable[[Tuned], None] | None = None,
+) -> dict[str, Tuned]:
+    """The preset's alternatives tuned on the validation cells, by name (``guidance-tuned``, ``slg-tuned``,
+    ``shift-tuned``, ``schedule-tuned``), at the calibration NFE, with ``evaluator`` (the unmodified
+    model's; each tuner sets its own search space and sampling). ``ablation``: the block ablation (index,
+    delta) that SLG picks its blocks from; the guidance schedule is tuned around the best constant
+    guidance, at the tuned shift when one was tuned. ``on_tuned`` hears of each as it is done."""
+    from calibri_pipeline.method.alternatives import (
+        slg_layer_candidates,
+        tune_guidance,
+        tune_guidance_schedule,
+        tune_shift,
+        tune_slg,
+    )
+    from calibri_pipeline.method.ensemble import SearchSpace
+
+    evaluator = evaluator.with_sampling(steps=preset.calibration_steps)
+    wanted = preset.alternatives
+    tuned: dict[str, Tuned] = {}
+
+    def done(result: Tuned) -> None:
+        tuned[result.name] = result
+        if on_tuned is not None:
+            on_tuned(result)
+
+    if "guidance" in wanted:
+        done(tune_guidance(evaluator, prompts, seeds, grid=preset.guidance_grid))
+    if "slg" in wanted and evaluator.backbone.uses_cfg:
+        if ablation is None or ablation.height == 0:
+            raise ValueError(
+                "skip-layer guidance picks its blocks from the block ablation: materialize block_ablation first"
+            )
+        layer_sets = slg_layer_candidates(ablation, preset.slg_candidates)
+        done(tune_slg(evaluator, block_space, prompts, seeds, layer_sets=layer_sets, scales=preset.slg_scales))
+    if "shift" in wanted:
+        done(tune_shift(evaluator, prompts, seeds, shifts=preset.shift_grid, guidances=preset.guidance_grid))
+    if "schedule" in wanted:
+        base = tuned.get("shift-tuned") or tuned.get("guidance-tuned")
+        if base is None:
+            raise ValueError("the guidance schedule is tuned around a tuned guidance: add 'guidance' or 'shift'")
+        search = SearchSpace.for_model(block_space, 2, uses_cfg=True, segments=preset.segments)
+        done(
+            tune_guidance_schedule(
+                evaluator,
+                search,
+                prompts,
+                seeds,
+                around=float(base.setting.guidance),
+                offsets=preset.schedule_offsets,
+                shift=base.setting.shift,
+            )
+        )
+    return tuned
 
 
 def setting_label(name: str, steps: int) -> str:

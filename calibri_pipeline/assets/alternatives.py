@@ -14,6 +14,15 @@ from calibri_pipeline.assets.analyses import block_ablation
 from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Stage, cells, table_md
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
+#: the columns of a tuner's grid shown in the asset's metadata (those it has), less what says nothing there
+GRID_COLUMNS = ("label", "shift", "guidance", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
+HIDDEN_COLUMNS = {
+    "guidance-tuned": ("shift",),  # always the model's
+    "slg-tuned": ("shift", "guidance"),  # both the model's
+    "shift-tuned": (),
+    "schedule-tuned": ("guidance",),  # the constant one the schedule is tuned around
+}
+
 
 def tuning_row(stage: Stage, tuned) -> dict:
     d = tuned.to_dict()
@@ -47,85 +56,37 @@ def alternatives(
     validation cells."""
     import polars as pl
 
-    from calibri_pipeline.method.alternatives import (
-        slg_layer_candidates,
-        tune_guidance,
-        tune_guidance_schedule,
-        tune_shift,
-        tune_slg,
-    )
-    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.recipes import tune_alternatives
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset = stage.preset
     val_prompts, val_seeds = stage.prompts("val"), list(preset.val_seeds)
-    rewards = stage.rewards([stage.reward])
-    rows, meta, best = [], {}, {}
-    if "guidance" in preset.alternatives:
-        evaluator = stage.evaluator(None, rewards, steps=preset.calibration_steps)
-        tuned = best["guidance"] = tune_guidance(evaluator, val_prompts, val_seeds, grid=preset.guidance_grid)
-        rows.append(tuning_row(stage, tuned))
-        meta["guidance_grid"] = table_md(
-            tuned.table.select("label", "guidance", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
-        )
-        stage.log(f"guidance-tuned: {tuned.label} (validation {tuned.val_mean:.4f})")
-    if "shift" in preset.alternatives:
-        evaluator = stage.evaluator(None, rewards, steps=preset.calibration_steps)
-        tuned = best["shift"] = tune_shift(
-            evaluator, val_prompts, val_seeds, shifts=preset.shift_grid, guidances=preset.guidance_grid
-        )
-        rows.append(tuning_row(stage, tuned))
-        meta["shift_grid"] = table_md(
-            tuned.table.select(
-                "label", "shift", "guidance", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high"
-            )
-        )
-        stage.log(f"shift-tuned: {tuned.label} (validation {tuned.val_mean:.4f})")
-    if "slg" in preset.alternatives and stage.backbone.uses_cfg:
+    ablation = None
+    if "slg" in preset.alternatives:
         ablation = stage.catalog.query(
             "SELECT block_index AS index, delta FROM ablations WHERE model = ? AND reward = ?",
             [stage.model, stage.reward],
         )
-        if ablation.height == 0:
-            raise dg.Failure(
-                "skip-layer guidance picks its blocks from the block ablation: materialize block_ablation first"
-            )
-        space = stage.space("block")
-        evaluator = stage.evaluator(None, rewards, steps=preset.calibration_steps)
-        tuned = tune_slg(
-            evaluator,
-            space,
+    rows, meta = [], {}
+
+    def record(tuned) -> None:
+        rows.append(tuning_row(stage, tuned))
+        columns = [c for c in GRID_COLUMNS if c in tuned.table.columns and c not in HIDDEN_COLUMNS[tuned.name]]
+        meta[tuned.name.removesuffix("-tuned") + "_grid"] = table_md(tuned.table.select(columns))
+        stage.log(f"{tuned.name}: {tuned.label} (validation {tuned.val_mean:.4f})")
+
+    try:
+        tune_alternatives(
+            preset,
+            stage.evaluator(None, stage.rewards([stage.reward])),
+            stage.space("block"),
             val_prompts,
             val_seeds,
-            layer_sets=slg_layer_candidates(ablation, preset.slg_candidates),
-            scales=preset.slg_scales,
+            ablation=ablation,
+            on_tuned=record,
         )
-        rows.append(tuning_row(stage, tuned))
-        meta["slg_grid"] = table_md(
-            tuned.table.select("label", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
-        )
-        stage.log(f"slg-tuned: {tuned.label} (validation {tuned.val_mean:.4f})")
-    if "schedule" in preset.alternatives:
-        # around the best constant guidance (at the tuned shift, when one was tuned)
-        base = best.get("shift") or best.get("guidance")
-        if base is None:
-            raise dg.Failure("the guidance schedule is tuned around a tuned guidance: add 'guidance' or 'shift'")
-        search = SearchSpace.for_model(stage.space("block"), 2, uses_cfg=True, segments=preset.segments)
-        evaluator = stage.evaluator(None, rewards, steps=preset.calibration_steps)
-        tuned = tune_guidance_schedule(
-            evaluator,
-            search,
-            val_prompts,
-            val_seeds,
-            around=float(base.setting.guidance),
-            offsets=preset.schedule_offsets,
-            shift=base.setting.shift,
-        )
-        rows.append(tuning_row(stage, tuned))
-        meta["schedule_grid"] = table_md(
-            tuned.table.select("label", "shift", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
-        )
-        stage.log(f"schedule-tuned: {tuned.label} (validation {tuned.val_mean:.4f})")
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
     df = pl.DataFrame(rows, schema_overrides={"vector": pl.List(pl.Float64), "guidance": pl.Float64})
     stage.catalog.replace("tunings", df, {"run_key": stage.run_key})
     n_cells = len(cells(val_prompts, val_seeds)[0])
