@@ -343,3 +343,41 @@ def test_a_guidance_schedule_is_a_point_of_the_time_dependent_cfg_layout(backbon
         tuned.table.filter(pl.col("label") == "schedule 2.5 / 2.5")["mean"].item()
     )
     torch.testing.assert_close(tuned.setting.vector, guidance_schedule_vector(search, tuned.params["guidances"]))
+
+
+def test_a_raced_grid_scores_only_the_leaders_on_every_cell(backbone):
+    """Every setting on the first seed's cells, the best quarter (at least 3) and the reference on all of
+    them; the first seed's images of the survivors come from the cache, and the choice is among the
+    settings scored on every cell (the same as scoring those alone)."""
+    from calibri_pipeline.method.alternatives import race_survivors, tune_shift
+    from calibri_pipeline.method.population import LocalEvaluator, MemoryImageCache, SamplingSettings
+
+    assert [race_survivors(n) for n in (3, 9, 12, 13, 24)] == [3, 3, 3, 4, 6]
+    prompts, seeds = make_prompts(3, "val", 110), [6, 7]
+    cache = MemoryImageCache()
+    plain = LocalEvaluator(backbone, None, [ColourMatch()], SamplingSettings(steps=2), cache=cache)
+    tuned = tune_shift(plain, prompts, seeds, shifts=(1.0, 2.0, 3.0), guidances=(1.0, 1.5, 2.0, 3.0))
+    t = tuned.table
+    full = t.filter(pl.col("n_cells") == 6)
+    # 3 shifts x 4 guidances and the model's own pair (shift 1, guidance 2.5), the reference
+    assert t.height == 13 and set(t.filter(pl.col("n_cells") == 3)["label"]) | set(full["label"]) == set(t["label"])
+    # the 4 leaders of 13 and the reference (unless it leads)
+    assert full.height in (4, 5) and "shift 1 guidance 2.5" in full["label"].to_list()
+    # 13 settings on 3 cells, then the survivors on 3 more: the cache served their first-seed images
+    assert cache.misses == 13 * 3 + full.height * 3 and cache.hits == full.height * 3
+    best = full.sort(["mean", "label"], descending=[True, False]).row(0, named=True)
+    assert tuned.label == best["label"] and tuned.val_mean == pytest.approx(best["mean"])
+    # a first-round leader's full row equals scoring it alone on every cell (8-bit images, same cells)
+    alone = plain.with_sampling(shift=tuned.setting.shift, guidance=tuned.setting.guidance)
+    cell_seeds = [s for _ in prompts for s in seeds]
+    expected = alone(None, [p for p in prompts for _ in seeds], cell_seeds).scores["colour_match"].mean()
+    assert tuned.val_mean == pytest.approx(float(expected), abs=1e-9)
+    # without a cache (or with one seed) there is one round: every setting on every cell
+    one_round = tune_shift(
+        LocalEvaluator(backbone, None, [ColourMatch()], SamplingSettings(steps=2)),
+        prompts,
+        seeds,
+        shifts=(1.0, 2.0, 3.0),
+        guidances=(1.0, 1.5, 2.0, 3.0),
+    )
+    assert set(one_round.table["n_cells"]) == {6}

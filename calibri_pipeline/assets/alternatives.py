@@ -15,7 +15,18 @@ from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Sta
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 #: the columns of a tuner's grid shown in the asset's metadata (those it has), less what says nothing there
-GRID_COLUMNS = ("label", "shift", "guidance", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
+GRID_COLUMNS = (
+    "label",
+    "shift",
+    "guidance",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "n_cells",
+    "delta",
+    "delta_low",
+    "delta_high",
+)
 HIDDEN_COLUMNS = {
     "guidance-tuned": ("shift",),  # always the model's
     "slg-tuned": ("shift", "guidance"),  # both the model's

@@ -20,7 +20,9 @@
 - **more steps**: the baseline at a higher NFE needs no tuning (the NFE study).
 
 Each tuner scores its grid with one evaluator on the same validation cells and returns the best
-setting with its table; the choice is the highest mean (what a user comparing settings does).
+setting with its table; the choice is the highest mean (what a user comparing settings does). With
+more than one seed the grid is *raced* (:func:`race`): every setting on the first seed's cells, then
+only the leaders on all of them, so settings far behind after half the evidence cost no more images.
 """
 
 from __future__ import annotations
@@ -72,8 +74,46 @@ class Tuned:
 
 def _best(result, reward: str) -> tuple[str, float]:
     t = result.table.filter(result.table["reward"] == reward)
+    n_full = t["n_cells"].max()  # a raced grid: only the settings scored on every cell compete
+    t = t.filter(t["n_cells"] == n_full)
     row = t.sort(["mean", "label"], descending=[True, False]).row(0, named=True)
     return row["label"], float(row["mean"])
+
+
+def race_survivors(n: int) -> int:
+    """How many settings of a grid of ``n`` go on to the second round: a quarter, at least 3."""
+    return max(3, -(-n // 4))
+
+
+def race(
+    evaluator: PopulationEvaluator,
+    settings: dict[str, Setting],
+    prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    *,
+    reference: str,
+    reward: str,
+):
+    """``evaluate_settings`` in two rounds (successive halving over the seeds): every setting on the
+    first seed's cells, then the :func:`race_survivors` best by mean ``reward`` (and ``reference``) on
+    every cell; their first-seed images come back from the evaluator's image cache. The table holds
+    each survivor's row over all cells and each eliminated setting's first-round row (``n_cells`` says
+    which). Grids too small to gain, a single seed, or an evaluator without an image cache: one round.
+    """
+    import polars as pl
+
+    keep = race_survivors(len(settings))
+    if len(seeds) < 2 or len(settings) <= keep + 1 or getattr(evaluator, "cache", None) is None:
+        return evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
+    first = evaluate_settings(evaluator, settings, prompts, seeds=list(seeds)[:1], reference=reference)
+    ranked = first.table.filter(first.table["reward"] == reward).sort(["mean", "label"], descending=[True, False])
+    leaders = ranked["label"].to_list()[:keep]
+    survivors = {label: settings[label] for label in settings if label in leaders or label == reference}
+    final = evaluate_settings(evaluator, survivors, prompts, seeds=seeds, reference=reference)
+    dropped = first.table.filter(~first.table["label"].is_in(list(survivors)))
+    final.table = pl.concat([final.table, dropped.select(final.table.columns)], how="vertical_relaxed")
+    final.meta["raced"] = {"first_round_seeds": list(seeds)[:1], "survivors": list(survivors)}
+    return final
 
 
 def tune_guidance(
@@ -90,8 +130,8 @@ def tune_guidance(
     values = sorted({float(g) for g in grid} | {default})
     settings = {f"guidance {g:g}": Setting(None, steps=steps, guidance=g) for g in values}
     reference = f"guidance {default:g}"
-    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
     reward = reward or evaluator.rewards[0].name
+    result = race(evaluator, settings, prompts, seeds, reference=reference, reward=reward)
     label, mean = _best(result, reward)
     chosen = settings[label]
     return Tuned("guidance-tuned", label, chosen, mean, result.table, {"guidance": chosen.guidance, "default": default})
@@ -107,7 +147,7 @@ def tune_shift(
     steps: int | None = None,
     reward: str | None = None,
 ) -> Tuned:
-    """The unmodified model over ``shifts`` x ``guidances`` (plus the defaults), best by mean ``reward``.
+    """The unmodified model over ``shifts`` x ``guidances`` (plus the default pair), best by mean ``reward``.
 
     Every setting is scored on the same cells; the reference of the table is the default
     (shift, guidance). Ties go to the first label in sort order, so a tie with shift 1 keeps it.
@@ -115,16 +155,12 @@ def tune_shift(
     default_g, default_s = float(evaluator.sampling.guidance), float(evaluator.sampling.shift)
     if any(not float(s) > 0 for s in shifts):
         raise ValueError(f"shifts must be > 0, got {list(shifts)}")
-    shift_values = sorted({float(s) for s in shifts} | {default_s})
-    guidance_values = sorted({float(g) for g in guidances} | {default_g})
-    settings = {
-        f"shift {s:g} guidance {g:g}": Setting(None, steps=steps, guidance=g, shift=s)
-        for s in shift_values
-        for g in guidance_values
-    }
+    # the grid, and the model's own (shift, guidance) as the reference (not crossed with every shift)
+    pairs = sorted({(float(s), float(g)) for s in shifts for g in guidances} | {(default_s, default_g)})
+    settings = {f"shift {s:g} guidance {g:g}": Setting(None, steps=steps, guidance=g, shift=s) for s, g in pairs}
     reference = f"shift {default_s:g} guidance {default_g:g}"
-    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
     reward = reward or evaluator.rewards[0].name
+    result = race(evaluator, settings, prompts, seeds, reference=reference, reward=reward)
     label, mean = _best(result, reward)
     chosen = settings[label]
     params = {"shift": chosen.shift, "guidance": chosen.guidance, "default_shift": default_s, "default": default_g}
@@ -168,8 +204,8 @@ def tune_guidance_schedule(
         settings[label] = Setting(vector, steps=steps, guidance=float(around), search=search, shift=shift)
         params[label] = {"guidances": list(combo), "shift": shift, "segments": list(search.segments)}
     reference = "schedule " + " / ".join(f"{float(around):g}" for _ in range(search.n_segments))
-    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference=reference)
     reward = reward or evaluator.rewards[0].name
+    result = race(evaluator, settings, prompts, seeds, reference=reference, reward=reward)
     label, mean = _best(result, reward)
     return Tuned("schedule-tuned", label, settings[label], mean, result.table, params[label])
 
@@ -231,8 +267,8 @@ def tune_slg(
                 "scale": float(s),
                 "guidance": g,
             }
-    result = evaluate_settings(evaluator, settings, prompts, seeds=seeds, reference="cfg (no SLG)")
     reward = reward or evaluator.rewards[0].name
+    result = race(evaluator, settings, prompts, seeds, reference="cfg (no SLG)", reward=reward)
     label, mean = _best(result, reward)
     return Tuned("slg-tuned", label, settings[label], mean, result.table, params.get(label, {"skip": [], "scale": 0.0}))
 
