@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "one calibration and its held-out comparison with the alternatives, without Dagster",
     ),
     "serve-reward": ("calibri_pipeline.rewards.server:main", "serve a reward over HTTP on loopback"),
+    "reward-env": (
+        "calibri_pipeline.rewards.envs:main",
+        "build a virtualenv for one reward model (HPSv3, ImageReward, ...) and print how to serve it",
+    ),
     "dev": (
         "calibri_pipeline.dev_server:main",
         "serve the Dagster UI over the demo's instance; Ctrl-C/SIGTERM stop all of it",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,6 +55,28 @@ class Exploding:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         raise RuntimeError("the model ran out of memory")
+
+
+class Flaky(ColourMean):
+    """Fails with a transient error (a dropped connection of its own) on its first ``fails`` calls."""
+
+    name = "flaky"
+    fails = 2
+    calls = 0
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        type(self).calls += 1
+        if type(self).calls <= type(self).fails:
+            raise ConnectionError("the upstream model service dropped the connection")
+        return super().__call__(images, prompts)
+
+
+class CountingExploding(Exploding):
+    calls = 0
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        type(self).calls += 1
+        return super().__call__(images, prompts)
 
 
 def make_nan_reward() -> ColourMean:
@@ -182,24 +206,80 @@ def test_server_rejects_bad_requests_with_400(colour_server: str) -> None:
     assert info.value.code == 404
 
 
-def test_reward_failure_and_nan_become_errors() -> None:
-    proc, url = _start_server("test_reward_server:Exploding")
-    try:
-        client = HTTPReward(url, retries=1, backoff=0.01, timeout=30)
-        with pytest.raises(RewardError, match="ran out of memory"):
-            client(_eight_bit_images(2), _prompts(2))
-    finally:
-        _stop(proc)
-    # in-thread server (same code) serving a factory whose reward returns NaN
-    server = RewardHTTPServer(make_nan_reward())
+@contextlib.contextmanager
+def _in_thread(reward) -> Iterator[RewardHTTPServer]:
+    """The same server code in a thread (no self-test), for rewards that fail after start-up."""
+    server = RewardHTTPServer(reward)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with pytest.raises(RewardError, match="non-finite"):
-            HTTPReward(server.url, retries=0)(_eight_bit_images(2), _prompts(2))
+        yield server
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_reward_failure_and_nan_become_errors() -> None:
+    # a deterministic failure: answered 500 with retryable=false, tried once, counted in /health
+    CountingExploding.calls = 0
+    with _in_thread(CountingExploding()) as server:
+        client = HTTPReward(server.url, retries=3, backoff=0.01, timeout=30)
+        with pytest.raises(RewardError, match=r"HTTP 500; not retried.*ran out of memory"):
+            client(_eight_bit_images(2), _prompts(2))
+        assert CountingExploding.calls == 1
+        health = client.health()
+        assert health["failed"] == 1 and "ran out of memory" in health["last_error"] and health["self_test"] is None
+    with _in_thread(make_nan_reward()) as server:
+        with pytest.raises(RewardError, match="non-finite"):
+            HTTPReward(server.url, retries=0)(_eight_bit_images(2), _prompts(2))
+
+
+def test_transient_reward_failures_are_retried() -> None:
+    Flaky.calls, Flaky.fails = 0, 2
+    images, prompts = _eight_bit_images(2), _prompts(2)
+    with _in_thread(Flaky()) as server:
+        scores = HTTPReward(server.url, retries=2, backoff=0.01)(images, prompts)
+        assert Flaky.calls == 3  # 503, 503, then the answer
+        torch.testing.assert_close(scores, ColourMean()(images, prompts), rtol=0, atol=0)
+        Flaky.calls, Flaky.fails = 0, 5
+        with pytest.raises(RewardError, match=r"failed after 2 attempt\(s\): HTTP 503: .*dropped the connection"):
+            HTTPReward(server.url, retries=1, backoff=0.01)(images, prompts)
+        assert Flaky.calls == 2
+
+
+def _run_server_to_exit(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "calibri_pipeline.rewards.server", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO_ROOT),
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--reward", "test_reward_server:Exploding"], r"failed its self-test .*RuntimeError: the model ran out of memory"),
+        (["--reward", "world_score", "--kwargs", '{"bogus": 1}'], r"cannot build reward 'world_score': TypeError: .*bogus"),
+        (["--reward", "hpsv3"], r"cannot build reward 'hpsv3': ImportError: .*pip install hpsv3"),
+        (["--reward", "world_score", "--kwargs", "[1]"], r"--kwargs must be a JSON object, got list"),
+    ],
+)
+def test_server_that_cannot_score_exits_before_listening(args: list[str], message: str) -> None:
+    done = _run_server_to_exit(*args)
+    assert done.returncode == 1, done.stderr
+    assert "listening" not in done.stdout
+    assert re.search(message, done.stderr), done.stderr
+
+
+def test_health_reports_the_self_test(colour_server: str) -> None:
+    info = HTTPReward(colour_server).health()
+    assert info["self_test"]["passed"] is True and info["self_test"]["seconds"] >= 0
+    assert info["failed"] == 0 and info["last_error"] is None
 
 
 def test_server_down_gives_clear_error_quickly() -> None:
@@ -245,6 +325,8 @@ class _BadHandler(BaseHTTPRequestHandler):
             "strings": (200, json.dumps({"scores": ["1.0", 2.0]}).encode()),
             "noscores": (200, json.dumps({"result": [1.0] * n}).encode()),
             "500": (503, json.dumps({"error": "overloaded"}).encode()),
+            "500final": (500, json.dumps({"error": "dtype mismatch", "retryable": False}).encode()),
+            "502bare": (502, b"<html>bad gateway</html>"),
             "400": (400, json.dumps({"error": "bad prompt"}).encode()),
             "slow": (200, json.dumps({"scores": [1.0] * n}).encode()),
             "other_name": (200, json.dumps({"name": "someone_else", "scores": [1.0] * n}).encode()),
@@ -285,6 +367,8 @@ def bad_server() -> Iterator[str]:
         ("strings", "non-finite or non-numeric score '1.0'", 1),
         ("noscores", "without 'scores'", 1),
         ("500", r"failed after 3 attempt\(s\): HTTP 503: overloaded", 3),
+        ("500final", r"HTTP 500; not retried.*dtype mismatch", 1),
+        ("502bare", r"failed after 3 attempt\(s\): HTTP 502: <html>bad gateway", 3),
         ("400", r"rejected the request \(HTTP 400\): bad prompt", 1),
         ("slow", "did not answer within 0.5 s", 1),
         ("other_name", "now serves 'someone_else'", 1),

@@ -339,6 +339,30 @@ def test_hpsv3_plumbing(inferencer_cls) -> None:
     torch.testing.assert_close(scores, expected_mu.float())
 
 
+def test_dtypes_by_name_and_hpsv3_autocasts_on_a_cpu() -> None:
+    from calibri_pipeline.rewards.common import as_dtype
+
+    for name in ("bfloat16", "torch.bfloat16", "bf16"):
+        assert as_dtype(name) is torch.bfloat16
+    assert as_dtype("fp16") is torch.float16 and as_dtype(torch.float32) is torch.float32 and as_dtype(None) is None
+    for bad in ("int8", "bfloat17", 3):
+        with pytest.raises(ValueError, match="floating torch dtype"):
+            as_dtype(bad)
+    # JSON (the server's --kwargs) carries the name; on a CPU the default is bf16 (the shipped config's dtype)
+    assert HPSv3Reward(inferencer=_HPSv3Like(), device="cpu").autocast_dtype is torch.bfloat16
+    assert HPSv3Reward(inferencer=_HPSv3Like(), device="cpu", autocast_dtype="float32").autocast_dtype is torch.float32
+    assert HPSv3Reward(inferencer=_HPSv3Like(), device="cuda").autocast_dtype is None
+
+    class Records(_HPSv3Like):
+        def reward(self, image_paths, prompts):
+            self.dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            return super().reward(image_paths, prompts)
+
+    inferencer = Records()
+    HPSv3Reward(inferencer=inferencer, device="cpu", autocast_dtype="bf16")(_images(1), _prompts(["a"]))
+    assert inferencer.dtype is torch.bfloat16
+
+
 def test_hpsv3_bad_output_shape_is_an_error() -> None:
     class Flat:
         def reward(self, image_paths, prompts):

@@ -4,14 +4,16 @@ Protocol (JSON over HTTP/1.1):
 
 - ``GET /health`` -> ``{"status": "ok", "name": ..., "higher_is_better": ..., "scale": [lo, hi] | null}``
 - ``POST /score`` with ``{"images": [base64 PNG, ...], "prompts": [Prompt.to_dict(), ...]}`` ->
-  ``{"name": ..., "scores": [float, ...]}``; errors come back as ``{"error": message}`` with status 400
-  (bad request: not retried) or 500 (the reward failed: retried).
+  ``{"name": ..., "scores": [float, ...]}``; errors come back as ``{"error": message, "retryable": bool}``
+  with status 400 (a bad request), 500 (the reward failed in a way the same request would again: not
+  retried) or 503 (a transient failure such as a full GPU: retried).
 
 Images travel as 8-bit PNG (lossless for 8-bit images, i.e. exactly what the pipeline stores); a float
 image is rounded to the nearest 1/255 first. Every failure — server down, timeout, a 5xx after all
 retries, a malformed, short, or non-finite answer — raises :class:`RewardError`; a score is never
 silently replaced. Connection failures and 5xx answers are retried (``retries`` times, exponential
-``backoff``); a request that times out is not, since a reward too slow once will be too slow again.
+``backoff``) unless the server says the failure is not retryable; 4xx answers are not, and neither is a
+request that times out, since a reward too slow once will be too slow again.
 """
 
 from __future__ import annotations
@@ -93,9 +95,14 @@ class HTTPReward:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
-            if exc.code >= 500:
+            detail, retryable = _error_detail(exc)
+            if exc.code >= 500 and retryable is not False:
                 raise _Retryable(f"HTTP {exc.code}: {detail}") from exc
+            if exc.code >= 500:
+                raise RewardError(
+                    f"reward server {self.url}{path} failed (HTTP {exc.code}; not retried, the server says the same "
+                    f"request fails the same way): {detail}"
+                ) from exc
             raise RewardError(
                 f"reward server {self.url}{path} rejected the request (HTTP {exc.code}): {detail}"
             ) from exc
@@ -173,12 +180,14 @@ class HTTPReward:
         return check_scores(self.name, torch.cat(scores) if scores else torch.zeros(0), images.shape[0])
 
 
-def _error_detail(exc: urllib.error.HTTPError) -> str:
+def _error_detail(exc: urllib.error.HTTPError) -> tuple[str, bool | None]:
+    """The server's error message, and its ``retryable`` flag (None when it gave none: another server, a proxy)."""
     try:
         body = exc.read()
         parsed = json.loads(body)
         if isinstance(parsed, dict) and "error" in parsed:
-            return str(parsed["error"])
-        return body[:200].decode(errors="replace")
+            retryable = parsed.get("retryable")
+            return str(parsed["error"]), retryable if isinstance(retryable, bool) else None
+        return body[:200].decode(errors="replace"), None
     except Exception:  # noqa: BLE001 - the status line is still informative
-        return exc.reason if isinstance(exc.reason, str) else str(exc)
+        return (exc.reason if isinstance(exc.reason, str) else str(exc)), None

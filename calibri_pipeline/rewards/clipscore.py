@@ -16,6 +16,7 @@ import torch
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import check_images, check_scores
 from calibri_pipeline.rewards.common import (
+    as_dtype,
     batch_slices,
     check_batch_size,
     check_prompts,
@@ -45,13 +46,13 @@ class ClipSimilarityReward:
         processor: str | Any | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         batch_size: int = 32,
         max_length: int = 77,
     ) -> None:
         require_package("transformers", "transformers", what=f"the {self.name} reward")
         self.device = torch.device(device or default_device())
-        self.dtype = dtype
+        self.dtype = as_dtype(dtype)
         self.batch_size = check_batch_size(batch_size)
         self.max_length = max_length
         self._model_spec = model if model is not None else self.default_model

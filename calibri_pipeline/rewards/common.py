@@ -6,9 +6,10 @@ that holds nothing but one reward's dependencies.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -29,6 +30,29 @@ def require_package(module: str, pip_name: str, *, what: str, hint: str | None =
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def as_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
+    """``value`` as a ``torch.dtype``: a dtype, None, or its name as JSON can carry it (``"bfloat16"``,
+    ``"torch.bfloat16"``, ``"bf16"``, ``"fp16"``, ``"float32"``), so ``--kwargs`` on the command line works."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.strip().removeprefix("torch.")
+        name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+            name, name
+        )
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    raise ValueError(f"{what} must be a floating torch dtype or its name (e.g. 'bfloat16'), got {value!r}")
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device``'s type at ``dtype``; no autocast when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def check_batch_size(batch_size: int) -> int:

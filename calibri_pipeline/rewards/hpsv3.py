@@ -2,10 +2,10 @@
 
 The package pins its own transformers (``hpsv3 1.0.0`` requires ``transformers==4.45.2`` and a Qwen2-VL-7B
 backbone), which cannot share an environment with this project's transformers. The intended set-up is the
-reward server in its own virtualenv::
+reward server in its own virtualenv (the pins: :mod:`calibri_pipeline.rewards.envs`)::
 
-    python -m venv hps && hps/bin/pip install hpsv3 && hps/bin/pip install --no-deps calibri-pipeline
-    hps/bin/python -m calibri_pipeline.rewards.server --reward hpsv3 --port 8001 --kwargs '{"device": "cuda"}'
+    calibri reward-env hpsv3 ~/envs/hpsv3 --device cuda
+    ~/envs/hpsv3/bin/python -m calibri_pipeline.rewards.server --reward hpsv3 --port 8001 --kwargs '{"device": "cuda"}'
 
 and ``make_reward("http://127.0.0.1:8001")`` in the pipeline. ``HPSv3RewardInferencer.reward`` is always
 called with keyword arguments: its positional order changed between releases.
@@ -13,7 +13,6 @@ called with keyword arguments: its positional order changed between releases.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -21,6 +20,8 @@ import torch
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import RewardError, check_images, check_scores
 from calibri_pipeline.rewards.common import (
+    as_dtype,
+    autocast,
     batch_slices,
     check_batch_size,
     check_prompts,
@@ -30,8 +31,8 @@ from calibri_pipeline.rewards.common import (
 )
 
 _SERVER_HINT = (
-    "hpsv3 pins transformers==4.45.2: install it in its own virtualenv and serve it with "
-    "`python -m calibri_pipeline.rewards.server --reward hpsv3` (see calibri_pipeline/rewards/hpsv3.py)"
+    "hpsv3 pins transformers==4.45.2: build its own virtualenv with `calibri reward-env hpsv3 DIR` and serve it "
+    "from there (see calibri_pipeline/rewards/hpsv3.py)"
 )
 
 
@@ -49,16 +50,21 @@ class HPSv3Reward:
         checkpoint_path: str | None = None,
         config_path: str | None = None,
         batch_size: int = 8,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = None,
         inferencer: Any | None = None,
     ) -> None:
         """``checkpoint_path``/``config_path`` None = the package defaults (weights from the hub,
-        ``MizzenAI/HPSv3``). ``inferencer`` injects an already-built ``HPSv3RewardInferencer``."""
+        ``MizzenAI/HPSv3``). ``inferencer`` injects an already-built ``HPSv3RewardInferencer``.
+        ``autocast_dtype`` (a dtype or its name) defaults to bfloat16 on a CPU: the package's shipped
+        config loads the model in bf16, but its score head autocasts on CUDA only, so on a CPU it
+        multiplies bf16 by fp32 and fails without it."""
         self.device = str(device or default_device())
         self.checkpoint_path = checkpoint_path
         self.config_path = config_path
         self.batch_size = check_batch_size(batch_size)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = as_dtype(autocast_dtype, "autocast_dtype")
+        if autocast_dtype is None and torch.device(self.device).type == "cpu":
+            self.autocast_dtype = torch.bfloat16
         if inferencer is None:
             require_package("hpsv3", "hpsv3", what="the HPSv3 reward", hint=_SERVER_HINT)
         elif not callable(getattr(inferencer, "reward", None)):
@@ -77,11 +83,6 @@ class HPSv3Reward:
             )
         return self._inferencer
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         check_images(images)
@@ -89,7 +90,7 @@ class HPSv3Reward:
         inferencer = self.inferencer
         scores: list[torch.Tensor] = []
         for sl in batch_slices(images.shape[0], self.batch_size):
-            with self._autocast():
+            with autocast(self.device, self.autocast_dtype):
                 # keyword arguments on purpose: (image_paths, prompts) vs (prompts, image_paths) across versions
                 out = inferencer.reward(prompts=[p.text for p in prompts[sl]], image_paths=to_pil_images(images[sl]))
             out = torch.as_tensor(out).float().cpu()

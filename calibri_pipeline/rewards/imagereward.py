@@ -1,13 +1,13 @@
 """ImageReward (Xu et al., 2023) through the ``image-reward`` package (``import ImageReward as RM``).
 
 ``image-reward 1.5`` needs torchvision, ``timm==0.6.13``, ``fairscale==0.4.13`` and OpenAI's ``clip`` module,
-and downloads its BLIP weights and a BERT tokenizer from the hub on load; like HPSv3 it is best run in
-its own virtualenv behind the reward server (``--reward imagereward``).
+and downloads its BLIP weights and a BERT tokenizer (``bert-base-uncased``, even for a local checkpoint)
+from the hub on load; like HPSv3 it runs in its own virtualenv behind the reward server
+(``calibri reward-env imagereward DIR``, then ``--reward imagereward``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -15,6 +15,8 @@ import torch
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import RewardError, check_images, check_scores
 from calibri_pipeline.rewards.common import (
+    as_dtype,
+    autocast,
     check_batch_size,
     check_prompts,
     default_device,
@@ -23,8 +25,8 @@ from calibri_pipeline.rewards.common import (
 )
 
 _SERVER_HINT = (
-    "image-reward needs torchvision, timm==0.6.13, fairscale==0.4.13 and OpenAI's clip package: install it in its "
-    "own virtualenv and serve it with `python -m calibri_pipeline.rewards.server --reward imagereward`"
+    "image-reward needs torchvision, timm==0.6.13, fairscale==0.4.13, OpenAI's clip and transformers<4.56: build its "
+    "own virtualenv with `calibri reward-env imagereward DIR` and serve it from there"
 )
 
 
@@ -43,7 +45,7 @@ class ImageRewardReward:
         batch_size: int = 16,
         download_root: str | None = None,
         med_config: str | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | str | None = None,
         scorer: Any | None = None,
     ) -> None:
         """``model``: a name known to ``RM.load`` or a checkpoint path. ``scorer`` injects a loaded model
@@ -53,7 +55,7 @@ class ImageRewardReward:
         self.batch_size = check_batch_size(batch_size)
         self.download_root = download_root
         self.med_config = med_config
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype = as_dtype(autocast_dtype, "autocast_dtype")
         if scorer is None:
             require_package("ImageReward", "image-reward", what="the ImageReward reward", hint=_SERVER_HINT)
         elif not callable(getattr(scorer, "inference_rank", None)):
@@ -70,11 +72,6 @@ class ImageRewardReward:
             ).eval()
         return self._scorer
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.autocast_dtype)
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         check_images(images)
@@ -88,7 +85,7 @@ class ImageRewardReward:
         for text, rows in groups.items():
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
-                with self._autocast():
+                with autocast(self.device, self.autocast_dtype):
                     _, rewards = scorer.inference_rank(text, to_pil_images(images[chunk]))
                 # inference_rank squeezes its output: a single image comes back as a bare float
                 values = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)

@@ -16,6 +16,7 @@ import torch
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import RewardError, check_images, check_scores
 from calibri_pipeline.rewards.common import (
+    as_dtype,
     batch_slices,
     check_batch_size,
     check_prompts,
@@ -40,7 +41,7 @@ class QAlignReward:
         task: str = "quality",
         trust_remote_code: bool = False,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         batch_size: int = 8,
     ) -> None:
         """``model``: hub id / local path, or a loaded one-align model (anything with
@@ -50,7 +51,7 @@ class QAlignReward:
         self.task = task
         self.name = "qalign" if task == "quality" else f"qalign-{task}"
         self.device = torch.device(device or default_device())
-        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = as_dtype(dtype) or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.batch_size = check_batch_size(batch_size)
         self.trust_remote_code = bool(trust_remote_code)
         if isinstance(model, str):

@@ -3,15 +3,19 @@
     python -m calibri_pipeline.rewards.server --reward hpsv3 --port 8001 --kwargs '{"device": "cuda"}'
     python -m calibri_pipeline.rewards.server --reward mypkg.rewards:make_reward --port 0
 
-``--reward`` takes anything :func:`calibri_pipeline.rewards.registry.make_reward` does. ``--port 0`` picks
-a free port; the first line on stdout always says where the server listens
+``--reward`` takes anything :func:`calibri_pipeline.rewards.registry.make_reward` does. Before it listens,
+the server builds the reward and scores one probe image with it (``--no-self-test`` skips the probe): a
+missing package, a bad ``--kwargs`` or a model that cannot run on this device ends the process with
+exit code 1 and the reason on stderr, instead of a server that says OK and fails every request.
+``--port 0`` picks a free port; the first line on stdout always says where the server listens
 (``calibri-reward-server listening on http://127.0.0.1:PORT name=...``). The protocol is described in
 :mod:`calibri_pipeline.rewards.client`. The reward runs behind a lock: requests are accepted concurrently,
 scored one at a time (GPU models are not re-entrant).
 
 This module needs only the standard library, torch, pillow and numpy, plus the served reward's own
 dependencies, so a reward with conflicting pins (HPSv3 wants transformers 4.45) runs from a virtualenv
-that has just that reward and ``pip install --no-deps calibri-pipeline``.
+that has just that reward and this project installed with ``--no-deps``: ``calibri reward-env NAME DIR``
+builds it with tested pins.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import binascii
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -36,6 +41,30 @@ DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 
 class _BadRequest(Exception):
     pass
+
+
+#: failures of a reward call that may pass on a later try (the same images give the same answer otherwise):
+#: a full GPU, or a reward that itself talks to another service
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, torch.cuda.OutOfMemoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def self_test(reward: Reward, size: int = 64) -> dict[str, Any]:
+    """Score one mid-grey ``size`` x ``size`` image so that loading, preprocessing and the forward pass all
+    run once (lazy adapters load their weights here). Returns what ``/health`` reports about it."""
+    import numpy as np
+
+    from calibri_pipeline.world.grammar import sample_prompt
+
+    image = torch.full((1, 3, size, size), 0.5)
+    # a world prompt: plain text for text rewards, and the scene spec the embedded world's rewards need
+    prompt = sample_prompt(np.random.default_rng(0), "single")
+    start = time.perf_counter()
+    score = check_scores(reward.name, reward(image, [prompt]), 1)
+    return {"passed": True, "seconds": round(time.perf_counter() - start, 3), "score": float(score[0])}
 
 
 class RewardRequestHandler(BaseHTTPRequestHandler):
@@ -58,11 +87,20 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != "/health":
             self._send_json(404, {"error": f"unknown path {self.path!r}; use GET /health or POST /score"})
             return
-        reward = self.server.reward
+        server, reward = self.server, self.server.reward
         scale = list(reward.scale) if reward.scale is not None else None
         self._send_json(
             200,
-            {"status": "ok", "name": reward.name, "higher_is_better": bool(reward.higher_is_better), "scale": scale},
+            {
+                "status": "ok",
+                "name": reward.name,
+                "higher_is_better": bool(reward.higher_is_better),
+                "scale": scale,
+                "self_test": server.self_test,  # None when it was skipped
+                "scored": server.scored,
+                "failed": server.failed,
+                "last_error": server.last_error,
+            },
         )
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib name
@@ -74,12 +112,19 @@ class RewardRequestHandler(BaseHTTPRequestHandler):
         except _BadRequest as exc:
             self._send_json(400, {"error": str(exc)})
             return
-        reward = self.server.reward
+        server, reward = self.server, self.server.reward
         try:
-            with self.server.lock:
+            with server.lock:
                 scores = check_scores(reward.name, reward(images, prompts), images.shape[0])
-        except Exception as exc:  # noqa: BLE001 - any reward failure is reported to the client as a 500
-            self._send_json(500, {"error": f"reward {reward.name!r} failed: {type(exc).__name__}: {exc}"})
+                server.scored += images.shape[0]
+        except Exception as exc:  # noqa: BLE001 - any reward failure is reported to the client
+            message = f"reward {reward.name!r} failed: {type(exc).__name__}: {exc}"
+            with server.lock:
+                server.failed += 1
+                server.last_error = message
+            # 503 = try again later (a full GPU); 500 = this request fails the same way every time
+            transient = is_transient(exc)
+            self._send_json(503 if transient else 500, {"error": message, "retryable": transient})
             return
         self._send_json(200, {"name": reward.name, "scores": [float(s) for s in scores.tolist()]})
 
@@ -138,10 +183,14 @@ class RewardHTTPServer(ThreadingHTTPServer):
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         verbose: bool = False,
+        self_test: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(reward, Reward):
             raise TypeError(f"reward must follow the Reward protocol, got {type(reward).__name__}")
         self.reward = reward
+        self.self_test = self_test
+        self.scored = self.failed = 0
+        self.last_error: str | None = None
         self.lock = threading.Lock()
         self.max_body_bytes = max_body_bytes
         self.verbose = verbose
@@ -164,7 +213,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="port (0 = pick a free one; see the first stdout line)")
     parser.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_BYTES // (1024 * 1024))
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument(
+        "--no-self-test", action="store_true", help="listen without scoring a probe image first (not recommended)"
+    )
     return parser.parse_args(argv)
+
+
+def _fail(message: str) -> int:
+    print(f"calibri-reward-server: {message}", file=sys.stderr, flush=True)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,14 +229,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         kwargs = json.loads(args.kwargs)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"--kwargs must be a JSON object: {exc}") from None
+        return _fail(f"--kwargs must be a JSON object: {exc}")
     if not isinstance(kwargs, dict):
-        raise SystemExit(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
+        return _fail(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
     from calibri_pipeline.rewards.registry import make_reward
 
-    reward = make_reward(args.reward, **kwargs)
+    # everything that can fail for good fails here, before the port opens: a client never meets a
+    # server that is up but cannot score
+    try:
+        reward = make_reward(args.reward, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to build the reward ends the process with its reason
+        return _fail(f"cannot build reward {args.reward!r}: {type(exc).__name__}: {exc}")
+    probe = None
+    if not args.no_self_test:
+        print(f"calibri-reward-server: loading {reward.name} and scoring a probe image ...", file=sys.stderr, flush=True)
+        try:
+            probe = self_test(reward)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return _fail(f"reward {reward.name!r} failed its self-test (one 64x64 image): {type(exc).__name__}: {exc}")
     server = RewardHTTPServer(
-        reward, args.host, args.port, max_body_bytes=args.max_body_mb * 1024 * 1024, verbose=args.verbose
+        reward,
+        args.host,
+        args.port,
+        max_body_bytes=args.max_body_mb * 1024 * 1024,
+        verbose=args.verbose,
+        self_test=probe,
     )
     print(f"calibri-reward-server listening on {server.url} name={reward.name}", flush=True)
     try:
