@@ -433,7 +433,7 @@ def test_missing_packages_say_how_to_install(factory, module: str, pip_name: str
         pytest.skip(f"{module} is installed here")
     with pytest.raises(ImportError, match=pip_name) as info:
         factory()
-    assert "reward server" in str(info.value) or "rewards.server" in str(info.value)
+    assert f"calibri reward-env {factory.name} DIR" in str(info.value)
 
 
 def test_registry_builds_the_world_rewards() -> None:

@@ -69,19 +69,19 @@ backend.pre_tokenizer = pre_tokenizers.Whitespace()
 backend.post_processor = processors.TemplateProcessing(
     single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)])
 tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                    pad_token="<pad>", unk_token="<unk>", model_max_length=16)
+                                    pad_token="<pad>", unk_token="<unk>", model_max_length=77)
 processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                           crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
 torch.manual_seed(0)
 config = CLIPConfig(
     text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, max_position_embeddings=16, bos_token_id=2, eos_token_id=3, pad_token_id=0),
+                     num_attention_heads=2, max_position_embeddings=77, bos_token_id=2, eos_token_id=3, pad_token_id=0),
     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        image_size=32, patch_size=8),
     projection_dim=16)
 CLIPModel(config).save_pretrained(sys.argv[1])
 processor.save_pretrained(sys.argv[1])
-print(json.dumps({"model": sys.argv[1]}))
+print(json.dumps({"model": sys.argv[1], "processor": sys.argv[1]}))
 """
 
 # scores images.npy ([N, H, W, 3] uint8) against prompts.json with make_reward(name, **kwargs) in this process
@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         print("$ " + shlex.join(step), flush=True)
         if args.dry_run:
             continue
+        start = time.perf_counter()
         done = subprocess.run(step)
+        print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         if done.returncode != 0:
             print(
                 f"calibri reward-env: step failed (exit {done.returncode}): {shlex.join(step)}\n"
@@ -282,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    print("\nserve it with:\n  " + recipe.serve_command(args.reward, directory / "bin" / "python", args.device, args.port))
+    print(
+        "\nserve it with:\n  " + recipe.serve_command(args.reward, directory / "bin" / "python", args.device, args.port)
+    )
     print(f"and score with it in the pipeline as the reward 'http://127.0.0.1:{args.port}'")
     if args.verify and not args.dry_run:
         row = verify(args.reward, directory)

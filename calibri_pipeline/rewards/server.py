@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot build reward {args.reward!r}: {type(exc).__name__}: {exc}")
     probe = None
     if not args.no_self_test:
-        print(f"calibri-reward-server: loading {reward.name} and scoring a probe image ...", file=sys.stderr, flush=True)
+        print(
+            f"calibri-reward-server: loading {reward.name} and scoring a probe image ...", file=sys.stderr, flush=True
+        )
         try:
             probe = self_test(reward)
         except Exception as exc:  # noqa: BLE001 - as above
