@@ -56,6 +56,8 @@ def test_pickscore_and_clipscore_environment_scores_like_the_server(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("CALIBRI_HEAVY_REWARD_ENVS"), reason="several GB: CALIBRI_HEAVY_REWARD_ENVS=1")
 @pytest.mark.parametrize("name", ["hpsv3", "imagereward"])
-def test_heavy_reward_environments_install_and_import(tmp_path, name):
+def test_heavy_reward_environments_install_and_score_like_the_server(tmp_path, name):
     done = _build(name, tmp_path / name)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = verify(name, tmp_path / name)
+    assert row["runs"] and row["max_diff"] <= 1e-4 and row["score_spread"] > 0, row

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import json
 import sys
 import threading
@@ -236,19 +237,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # everything that can fail for good fails here, before the port opens: a client never meets a
     # server that is up but cannot score
-    try:
-        reward = make_reward(args.reward, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure to build the reward ends the process with its reason
-        return _fail(f"cannot build reward {args.reward!r}: {type(exc).__name__}: {exc}")
-    probe = None
-    if not args.no_self_test:
-        print(
-            f"calibri-reward-server: loading {reward.name} and scoring a probe image ...", file=sys.stderr, flush=True
-        )
+    # what the reward's packages print while they load goes to stderr: stdout's first line is the address
+    with contextlib.redirect_stdout(sys.stderr):
         try:
-            probe = self_test(reward)
-        except Exception as exc:  # noqa: BLE001 - as above
-            return _fail(f"reward {reward.name!r} failed its self-test (one 64x64 image): {type(exc).__name__}: {exc}")
+            reward = make_reward(args.reward, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure to build the reward ends the process with its reason
+            return _fail(f"cannot build reward {args.reward!r}: {type(exc).__name__}: {exc}")
+        probe = None
+        if not args.no_self_test:
+            print(f"calibri-reward-server: loading {reward.name} and scoring a probe image ...", flush=True)
+            try:
+                probe = self_test(reward)
+            except Exception as exc:  # noqa: BLE001 - as above
+                return _fail(
+                    f"reward {reward.name!r} failed its self-test (one 64x64 image): {type(exc).__name__}: {exc}"
+                )
     server = RewardHTTPServer(
         reward,
         args.host,
