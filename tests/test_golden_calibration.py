@@ -74,7 +74,9 @@ def run_golden(backbone) -> dict:
         "baseline_val_score": search.baseline_val_score,
         "best_generation": search.best_generation,
         "stop_reason": search.stop_reason,
-        "validations": [{k: v for k, v in row.items() if isinstance(v, (int, float, str))} for row in search.validations],
+        "validations": [
+            {k: v for k, v in row.items() if isinstance(v, (int, float, str))} for row in search.validations
+        ],
         "train_best": [row["train_best"] for row in search.generations],
         "sigmas": [row["sigma"] for row in search.generations],
         "candidates": [list(map(float, c["vector"])) + [float(c["fitness"])] for c in search.candidates],
@@ -91,7 +93,9 @@ def test_the_pinned_calibration_ends_where_it_was_recorded(backbone):
     want = json.loads(GOLDEN.read_text())
     assert got["stop_reason"] == want["stop_reason"] and got["best_generation"] == want["best_generation"]
     assert got["confirmation_kept"] == want["confirmation_kept"]
-    assert [row.get("generation") for row in got["validations"]] == [row.get("generation") for row in want["validations"]]
+    assert [row.get("generation") for row in got["validations"]] == [
+        row.get("generation") for row in want["validations"]
+    ]
     # the same computation replayed on this CPU is bitwise equal; another CPU class picks other
     # kernels (last bits of a float), so across machines the numbers agree to 1e-6, not bit for bit
     np.testing.assert_allclose(got["vector"], want["vector"], rtol=0, atol=1e-6)
