@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from calibri_pipeline.method.analysis import Setting, evaluate_settings, table_markdown
-    from calibri_pipeline.method.ensemble import SearchSpace
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
-    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.method.population import LocalEvaluator
+    from calibri_pipeline.method.sampler import SamplingSettings
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.models import load_model
     from calibri_pipeline.presets import Preset
     from calibri_pipeline.prompt_sets import build_prompt_set

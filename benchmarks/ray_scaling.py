@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from calibri_pipeline.backbones.toy import load_toy_backbone
-    from calibri_pipeline.method.ensemble import SearchSpace
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+    from calibri_pipeline.method.population import LocalEvaluator
     from calibri_pipeline.method.ray_eval import RayWorkerPool, connect_ray
+    from calibri_pipeline.method.sampler import SamplingSettings
     from calibri_pipeline.method.search import default_popsize
-    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.rewards.world import WorldScore
     from calibri_pipeline.world.splits import make_splits
 

@@ -79,9 +79,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         table_markdown,
     )
     from calibri_pipeline.method.calibrate import calibrate
-    from calibri_pipeline.method.ensemble import SearchSpace
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
-    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.method.population import LocalEvaluator
+    from calibri_pipeline.method.sampler import SamplingSettings
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.method.state_store import LocalStateStore
     from calibri_pipeline.models import load_model
     from calibri_pipeline.presets import get_preset

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.sampler import Backbone
     from calibri_pipeline.storage.object_store import ObjectStore
 
 BUILTIN_MODELS: dict[str, dict[str, Any]] = {

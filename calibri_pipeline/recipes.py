@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 if TYPE_CHECKING:
     import polars as pl
 
-    from calibri_pipeline.backbones.base import Backbone
     from calibri_pipeline.method.alternatives import Tuned
     from calibri_pipeline.method.population import PopulationEvaluator
+    from calibri_pipeline.method.sampler import Backbone
     from calibri_pipeline.method.search import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.presets import Preset
@@ -64,8 +64,8 @@ def calibration_arguments(
     ``tuned_shift`` when a shift was tuned); ``warm_start``: a previous checkpoint's vector (the
     sensor), which wins over the tuned start.
     """
-    from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.scaling import initial_stds, sweep_curvatures
+    from calibri_pipeline.method.space import SearchSpace
 
     search = SearchSpace.for_model(space, preset.n_models, uses_cfg=bool(backbone.uses_cfg), segments=preset.segments)
     guidance = backbone.default_guidance
@@ -183,7 +183,7 @@ def tune_alternatives(
         tune_shift,
         tune_slg,
     )
-    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.space import SearchSpace
 
     evaluator = evaluator.with_sampling(steps=preset.calibration_steps)
     wanted = preset.alternatives
@@ -274,7 +274,7 @@ def comparison_settings(
         )
     scheduled = tunings.get("schedule-tuned")
     if scheduled is not None:
-        from calibri_pipeline.method.ensemble import SearchSpace
+        from calibri_pipeline.method.space import SearchSpace
 
         params = tuning_params(scheduled)
         settings[setting_label("schedule-tuned", low)] = Setting(

@@ -98,8 +98,9 @@ def test_bootstrap_rejects_bad_input(kwargs, match):
 
 
 def _evaluator(backbone, space, rewards, n_models=1):
-    from calibri_pipeline.method.ensemble import SearchSpace
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+    from calibri_pipeline.method.population import LocalEvaluator
+    from calibri_pipeline.method.sampler import SamplingSettings
+    from calibri_pipeline.method.space import SearchSpace
 
     search = None if space is None else SearchSpace.for_model(space, n_models, uses_cfg=True)
     return LocalEvaluator(backbone, search, rewards, SamplingSettings(steps=2, guidance=2.5))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from calibri_pipeline import CalibrationSpace
-from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
+from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.sampler import euler_sample, flow_sigmas, make_velocity_fn
+from calibri_pipeline.method.space import SearchSpace
 
 from tiny_models import tiny_flux_with_velocity
 

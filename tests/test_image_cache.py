@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from calibri_pipeline.method.ensemble import SearchSpace
 from calibri_pipeline.method.population import (
     LocalEvaluator,
     MemoryImageCache,
@@ -17,7 +16,7 @@ from calibri_pipeline.method.population import (
     quantize_8bit,
     unmodified_guidance,
 )
-from calibri_pipeline.method.space import CalibrationSpace
+from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
 from calibri_pipeline.prompts.base import Prompt
 
 

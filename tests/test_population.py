@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from calibri_pipeline.method.calibrate import RewardObjective, calibrate
-from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
+from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import (
     LocalEvaluator,
     SamplingSettings,
@@ -21,7 +21,7 @@ from calibri_pipeline.method.population import (
     max_batch_for_budget,
 )
 from calibri_pipeline.method.search import SearchConfig, make_bucket, validation_seeds
-from calibri_pipeline.method.space import CalibrationSpace
+from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
 from calibri_pipeline.method.state_store import MemoryStateStore
 from calibri_pipeline.prompts.base import Prompt
 
@@ -285,7 +285,8 @@ def test_the_schedule_shift_is_a_sampling_setting_with_its_own_images(backbone):
     """A shift other than the backbone's changes the images and their cache key; the default shift
     keeps today's key, and the shift-tuned alternative is the best (shift, guidance) cell of its grid."""
     from calibri_pipeline.method.alternatives import tune_shift
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+    from calibri_pipeline.method.population import LocalEvaluator
+    from calibri_pipeline.method.sampler import SamplingSettings
 
     prompts, seeds = make_prompts(3, "val", 70), [1, 2, 3]
     plain = LocalEvaluator(backbone, None, [ColourMatch()], SamplingSettings(steps=2))
@@ -319,7 +320,8 @@ def test_a_guidance_schedule_is_a_point_of_the_time_dependent_cfg_layout(backbon
     """One guidance per part of the schedule: a constant one is bitwise the unmodified model (one cache
     entry), another one differs only where its part runs, and the tuner returns its grid's best."""
     from calibri_pipeline.method.alternatives import guidance_schedule_vector, tune_guidance_schedule
-    from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+    from calibri_pipeline.method.population import LocalEvaluator
+    from calibri_pipeline.method.sampler import SamplingSettings
 
     space = CalibrationSpace.from_transformer(backbone.transformer, "block")
     search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.9,))
@@ -350,7 +352,8 @@ def test_a_raced_grid_scores_only_the_leaders_on_every_cell(backbone):
     them; the first seed's images of the survivors come from the cache, and the choice is among the
     settings scored on every cell (the same as scoring those alone)."""
     from calibri_pipeline.method.alternatives import race_survivors, tune_shift
-    from calibri_pipeline.method.population import LocalEvaluator, MemoryImageCache, SamplingSettings
+    from calibri_pipeline.method.population import LocalEvaluator, MemoryImageCache
+    from calibri_pipeline.method.sampler import SamplingSettings
 
     assert [race_survivors(n) for n in (3, 9, 12, 13, 24)] == [3, 3, 3, 4, 6]
     prompts, seeds = make_prompts(3, "val", 110), [6, 7]

@@ -98,8 +98,9 @@ class NanReward(ColourMatch):
 
 def remote(pool, backbone, space, vectors, prompts, seeds, reward, *, steps=None, guidance=None, n_models=1):
     """``evaluate_population``'s answer, computed on the pool's workers."""
-    from calibri_pipeline.method.ensemble import SearchSpace
-    from calibri_pipeline.method.population import SamplingSettings, as_reward_list
+    from calibri_pipeline.method.population import as_reward_list
+    from calibri_pipeline.method.sampler import SamplingSettings
+    from calibri_pipeline.method.space import SearchSpace
 
     search = None if space is None else SearchSpace.for_model(space, n_models, uses_cfg=True)
     scores = pool.evaluator(backbone, search, reward, SamplingSettings(steps=steps, guidance=guidance))(

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from calibri_pipeline.method.alternatives import slg_layer_candidates, slg_search, slg_vector
-from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates, SearchSpace
+from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates
 from calibri_pipeline.method.scaling import STD_RANGE, initial_stds, sweep_curvatures
-from calibri_pipeline.method.space import Branch, CalibrationSpace
+from calibri_pipeline.method.space import Branch, CalibrationSpace, SearchSpace
 
 
 def _space(names=("blocks.0", "blocks.1", "blocks.2")) -> CalibrationSpace:

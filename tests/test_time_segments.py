@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_image_cache import PROMPTS, MeanPixel, backbone  # noqa: F401  (the tiny toy backbone fixture)
 
-from calibri_pipeline.method.ensemble import GuidanceCoordinates, SearchSpace
+from calibri_pipeline.method.ensemble import GuidanceCoordinates
 from calibri_pipeline.method.population import unmodified_guidance
-from calibri_pipeline.method.space import CalibrationSpace
+from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
 
 
 def _space(backbone) -> CalibrationSpace:

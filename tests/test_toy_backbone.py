@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-from calibri_pipeline.backbones.base import Backbone
 from calibri_pipeline.backbones.toy import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -21,6 +20,7 @@ from calibri_pipeline.backbones.toy import (
     pack_pixels,
     unpack_pixels,
 )
+from calibri_pipeline.method.sampler import Backbone
 from calibri_pipeline.prompts.base import Prompt
 
 TINY = ToyModelConfig(num_double_blocks=1, num_single_blocks=1, num_heads=2, head_dim=16)

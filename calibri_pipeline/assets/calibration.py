@@ -223,7 +223,7 @@ def calibration(
             confirmation=search.confirmation,
         ),
     )
-    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.space import SearchSpace
 
     # one name per number of the vector: with time segments, each part of the schedule has its own
     coef_table = pl.DataFrame({"name": SearchSpace(space, result.layout, result.segments).names(), "value": vector})

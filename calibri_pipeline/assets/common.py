@@ -236,13 +236,14 @@ class Stage:
         return CalibrationSpace.from_transformer(self.backbone.transformer, granularity or self.preset.granularity)
 
     def search(self, granularity: str | None = None, n_models: int = 1):
-        from calibri_pipeline.method.ensemble import SearchSpace
+        from calibri_pipeline.method.space import SearchSpace
 
         return SearchSpace.for_model(self.space(granularity), n_models, uses_cfg=bool(self.backbone.uses_cfg))
 
     def evaluator(self, search, rewards, *, steps: int | None = None, guidance: float | None = None):
         """An in-process evaluator reading and writing the pipeline's image cache, with a progress bar."""
-        from calibri_pipeline.method.population import LocalEvaluator, SamplingSettings
+        from calibri_pipeline.method.population import LocalEvaluator
+        from calibri_pipeline.method.sampler import SamplingSettings
 
         sampling = SamplingSettings(steps=steps, guidance=guidance, max_batch=self.preset.max_batch)
         return LocalEvaluator(

@@ -47,7 +47,7 @@ def evaluation(
     import torch
 
     from calibri_pipeline.method.analysis import evaluate_settings, plot_nfe
-    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.space import SearchSpace
     from calibri_pipeline.recipes import comparison_settings
     from calibri_pipeline.report import headline_table
 

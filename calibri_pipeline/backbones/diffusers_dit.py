@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from calibri_pipeline.backbones.base import SamplingBackbone, positive_int, seeded_noise
+from calibri_pipeline.arguments import positive_int
+from calibri_pipeline.method.sampler import Backbone, seeded_noise
 from calibri_pipeline.tensors import realign_cpu_weights, weights_fingerprint
 
 if TYPE_CHECKING:
@@ -233,8 +234,8 @@ def _looks_like_path(text: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class DiffusersBackbone(SamplingBackbone):
-    """A diffusers text-to-image DiT as a :class:`~calibri_pipeline.backbones.base.Backbone`.
+class DiffusersBackbone(Backbone):
+    """A diffusers text-to-image DiT as a :class:`~calibri_pipeline.method.sampler.Backbone`.
 
     Build one with :meth:`from_pipeline` (a pipeline object you hold) or :meth:`from_pretrained`
     (a hub id or a local folder); the subclass is picked from the transformer's class.
@@ -598,7 +599,7 @@ class DiffusersBackbone(SamplingBackbone):
     def wrap_velocity(self, velocity):
         return velocity
 
-    # -- sampling (the loop is SamplingBackbone.sample) --------------------------------------------
+    # -- sampling (the loop is Backbone.sample) --------------------------------------------
 
     def image_shape(self) -> tuple[int, int, int]:
         return (3, *self.resolution)

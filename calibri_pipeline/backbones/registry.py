@@ -19,7 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from calibri_pipeline.backbones.base import Backbone
+from calibri_pipeline.method.sampler import Backbone
 
 
 @dataclass(frozen=True)

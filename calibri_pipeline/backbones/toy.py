@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from calibri_pipeline.backbones.base import SamplingBackbone, seeded_noise
+from calibri_pipeline.arguments import positive_int
+from calibri_pipeline.method.sampler import Backbone, seeded_noise
 from calibri_pipeline.tensors import weights_fingerprint
 
 if TYPE_CHECKING:
@@ -208,8 +209,8 @@ class ToySamplingDefaults:
     shift: float = 1.0
 
 
-class ToyBackbone(SamplingBackbone):
-    """The embedded default: the parts of :class:`~calibri_pipeline.backbones.base.SamplingBackbone`."""
+class ToyBackbone(Backbone):
+    """The embedded default: the parts of :class:`~calibri_pipeline.method.sampler.Backbone`."""
 
     name = "toy"
     uses_cfg = True
@@ -226,8 +227,7 @@ class ToyBackbone(SamplingBackbone):
         default_max_batch: int = 32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if not isinstance(default_steps, int) or default_steps < 1:
-            raise ValueError(f"default_steps must be a positive int, got {default_steps!r}")
+        positive_int("default_steps", default_steps)
         self.transformer = transformer.to(torch.device(device)).eval()
         self.transformer.requires_grad_(False)
         self.config = config

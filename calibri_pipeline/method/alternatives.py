@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from calibri_pipeline.method.analysis import Setting, evaluate_settings
-from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
+from calibri_pipeline.method.ensemble import EnsembleLayout
+from calibri_pipeline.method.space import SearchSpace
 
 if TYPE_CHECKING:
     import polars as pl

@@ -27,9 +27,8 @@ from calibri_pipeline.method.stats import bootstrap_ci, paired_difference_ci
 if TYPE_CHECKING:
     import polars as pl
 
-    from calibri_pipeline.method.ensemble import SearchSpace
     from calibri_pipeline.method.population import PopulationEvaluator
-    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.prompts.base import Prompt
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)

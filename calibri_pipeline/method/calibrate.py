@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates, SearchSpace
-from calibri_pipeline.method.population import ImageCache, LocalEvaluator, PopulationEvaluator, SamplingSettings
+from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates
+from calibri_pipeline.method.population import ImageCache, LocalEvaluator, PopulationEvaluator
+from calibri_pipeline.method.sampler import SamplingSettings
 from calibri_pipeline.method.search import (
     Bucket,
     CalibrationRun,
@@ -26,11 +27,12 @@ from calibri_pipeline.method.search import (
     SearchResult,
     validation_seeds,
 )
+from calibri_pipeline.method.space import SearchSpace
 from calibri_pipeline.method.state_store import StateStore
 
 if TYPE_CHECKING:
-    from calibri_pipeline.backbones.base import Backbone
     from calibri_pipeline.method.ray_eval import RayWorkerPool
+    from calibri_pipeline.method.sampler import Backbone
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.rewards.base import Reward

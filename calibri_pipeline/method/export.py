@@ -10,7 +10,7 @@ linear in it). How to combine the members is written to ``manifest.json``:
 - ``ensemble``: ``model0 … model{n-1}``, all conditional; velocity = sum of their outputs.
 - ``schedule``: a time-dependent calibration (coefficients per part of the noise schedule) cannot be
   baked into fixed weights; ``calibri_schedule.json`` holds the vector, its layout and the noise
-  levels, and ``SamplingBackbone.generate(..., space=..., vectors=...)`` with that search space
+  levels, and ``Backbone.generate(..., space=..., vectors=...)`` with that search space
   applies it (hooks, no extra cost).
 """
 

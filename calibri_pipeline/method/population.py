@@ -27,17 +27,17 @@ import json
 import math
 import time
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from calibri_pipeline.method.ensemble import SearchSpace
+from calibri_pipeline.method.sampler import Backbone, SamplingSettings
+from calibri_pipeline.method.space import SearchSpace
 from calibri_pipeline.rewards.base import Reward, check_scores
 
 if TYPE_CHECKING:
-    from calibri_pipeline.backbones.base import Backbone
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
 
@@ -78,59 +78,6 @@ def check_prompts_seeds(prompts: Sequence[Prompt], seeds: Sequence[int]) -> list
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
     return seeds
-
-
-def _positive_int_or_none(name: str, value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How images are sampled: ``steps``, ``guidance`` and the sigma ``shift`` of the flow schedule
-    (None: the backbone's defaults), and batching.
-
-    ``max_batch`` images per transformer forward (None: derived from ``memory_budget_mb`` when given,
-    else the backbone's default); ``chunk_images`` caps how many images are held in memory at once
-    (generate + score chunk by chunk; None: all at once).
-    """
-
-    steps: int | None = None
-    guidance: float | None = None
-    max_batch: int | None = None
-    memory_budget_mb: float | None = None
-    chunk_images: int | None = None
-    shift: float | None = None  # flow_sigmas' shift (> 1: more of the steps at high noise)
-
-    def __post_init__(self) -> None:
-        _positive_int_or_none("steps", self.steps)
-        _positive_int_or_none("max_batch", self.max_batch)
-        _positive_int_or_none("chunk_images", self.chunk_images)
-        if self.guidance is not None and not math.isfinite(float(self.guidance)):
-            raise ValueError(f"guidance must be a finite number or None, got {self.guidance!r}")
-        if self.shift is not None and not (math.isfinite(float(self.shift)) and float(self.shift) > 0):
-            raise ValueError(f"shift must be a finite number > 0 or None, got {self.shift!r}")
-        if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0):
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
-
-    def resolved(self, backbone: Backbone) -> SamplingSettings:
-        """Steps, guidance and shift filled in from the backbone's defaults."""
-        return replace(
-            self,
-            steps=self.steps if self.steps is not None else backbone.default_steps,
-            guidance=self.guidance if self.guidance is not None else backbone.default_guidance,
-            shift=float(self.shift) if self.shift is not None else backbone_shift(backbone),
-        )
-
-    def with_(self, **changes: Any) -> SamplingSettings:
-        return replace(self, **changes)
-
-
-def backbone_shift(backbone: Backbone) -> float:
-    """The sigma shift a backbone samples with by default (1: none)."""
-    shift = getattr(backbone, "sigma_shift", None)
-    return float(shift()) if callable(shift) else 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,7 +631,6 @@ def evaluate_population_loop(
 
 
 __all__ = [
-    "SamplingSettings",
     "PopulationEvaluator",
     "LocalEvaluator",
     "Evaluation",

@@ -36,16 +36,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from calibri_pipeline.method.ensemble import EnsembleLayout, SearchSpace
+from calibri_pipeline.arguments import positive_int
+from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import (
     ImageJob,
     PopulationEvaluator,
     SamplingSettings,
     make_and_score,
 )
+from calibri_pipeline.method.space import SearchSpace
 
 if TYPE_CHECKING:
-    from calibri_pipeline.backbones.base import Backbone
+    from calibri_pipeline.method.sampler import Backbone
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.rewards.base import Reward
 
@@ -230,8 +232,7 @@ class RayWorkerPool:
             ("threads_per_worker", threads_per_worker),
             ("chunks_per_worker", chunks_per_worker),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, value)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if gpus_per_worker is not None and not (gpus_per_worker >= 0):

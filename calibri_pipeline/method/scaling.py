@@ -27,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     import polars as pl
 
-    from calibri_pipeline.method.ensemble import SearchSpace
+    from calibri_pipeline.method.space import SearchSpace
 
 #: no coefficient starts wider than this (the sweep's grid ends at alpha 0 and 2) or narrower
 STD_RANGE = (0.01, 0.5)

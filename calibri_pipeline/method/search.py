@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Se
 
 import numpy as np
 
+from calibri_pipeline.arguments import positive_int
 from calibri_pipeline.method.journal import STATE_FORMAT, RunJournal, jsonable
 from calibri_pipeline.method.state_store import StateStore
 
@@ -100,24 +101,17 @@ class SearchConfig:
     confirm_level: float = 0.95
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                extra = " or None" if allow_none else ""
-                raise ValueError(f"SearchConfig.{name} must be a positive int{extra}, got {value!r}")
-
         if not (isinstance(self.sigma0, (int, float)) and self.sigma0 > 0 and math.isfinite(self.sigma0)):
             raise ValueError(f"SearchConfig.sigma0 must be a positive number, got {self.sigma0!r}")
-        positive_int("popsize", self.popsize, allow_none=True)
+        positive_int("SearchConfig.popsize", self.popsize, allow_none=True)
         if self.popsize is not None and self.popsize < 2:
             raise ValueError(f"SearchConfig.popsize must be >= 2 (CMA-ES ranks candidates), got {self.popsize}")
-        positive_int("max_generations", self.max_generations)
-        positive_int("bucket_size", self.bucket_size)
-        positive_int("seeds_per_prompt", self.seeds_per_prompt)
-        positive_int("val_every", self.val_every)
-        positive_int("patience", self.patience, allow_none=True)
-        positive_int("sigma_plateau_window", self.sigma_plateau_window, allow_none=True)
+        positive_int("SearchConfig.max_generations", self.max_generations)
+        positive_int("SearchConfig.bucket_size", self.bucket_size)
+        positive_int("SearchConfig.seeds_per_prompt", self.seeds_per_prompt)
+        positive_int("SearchConfig.val_every", self.val_every)
+        positive_int("SearchConfig.patience", self.patience, allow_none=True)
+        positive_int("SearchConfig.sigma_plateau_window", self.sigma_plateau_window, allow_none=True)
         if self.validate not in VALIDATE_CHOICES:
             raise ValueError(f"SearchConfig.validate must be one of {VALIDATE_CHOICES}, got {self.validate!r}")
         if not (self.min_val_gain >= 0):
@@ -131,8 +125,8 @@ class SearchConfig:
             object.__setattr__(self, name, (float(value[0]), float(value[1])))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"SearchConfig.seed must be a non-negative int, got {self.seed!r}")
-        positive_int("max_val_seeds", self.max_val_seeds)
-        positive_int("max_bucket_seeds", self.max_bucket_seeds)
+        positive_int("SearchConfig.max_val_seeds", self.max_val_seeds)
+        positive_int("SearchConfig.max_bucket_seeds", self.max_bucket_seeds)
         for name in ("probe_buckets", "confirm_top"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

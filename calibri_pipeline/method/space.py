@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -369,4 +369,130 @@ def _make_scale_hook(column: torch.Tensor, per_sample: bool, name: str):
     return hook
 
 
-__all__ = ["CalibrationSpace", "CalibrationError", "Branch", "GRANULARITIES", "ADAPTERS", "discover_branches"]
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a Calibri search vector means for one model: its coefficients, its ensemble layout, and
+    (optionally) the segments of the noise schedule that get coefficients of their own.
+
+    Built once (:meth:`for_model`) and passed down instead of ``(space, n_models)``; every vector
+    entering the sampler is checked here, once (:meth:`check`).
+
+    Time-dependent calibration (beyond the paper): ``segments`` are noise levels (sigma in (0, 1),
+    descending) that cut the schedule into ``len(segments) + 1`` parts; the vector then holds one
+    paper-layout vector per part, highest noise first, and a denoising step at noise level sigma uses
+    the part it falls in (``segments=(0.8,)`` at 4 steps: the first step, sigma = 1, vs the rest).
+    Noise levels rather than step numbers, so the same coefficients mean the same thing at any NFE.
+    Such a vector cannot be baked into one stock checkpoint (the weights would have to change
+    between steps); it is exported as a coefficient schedule the sampler applies.
+    """
+
+    space: CalibrationSpace
+    layout: EnsembleLayout
+    segments: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        seg = tuple(float(t) for t in self.segments)
+        if any(not 0.0 < t < 1.0 for t in seg) or list(seg) != sorted(set(seg), reverse=True):
+            raise ValueError(f"segments must be distinct noise levels in (0, 1), descending, got {self.segments!r}")
+        object.__setattr__(self, "segments", seg)
+
+    @classmethod
+    def for_model(
+        cls, space: CalibrationSpace, n_models: int = 1, *, uses_cfg: bool, segments: Sequence[float] = ()
+    ) -> SearchSpace:
+        """The one place a layout is made from a calibration space and a backbone's guidance kind."""
+        return cls(space, EnsembleLayout(space.size, n_models, cfg=bool(uses_cfg)), tuple(segments))
+
+    @property
+    def n_models(self) -> int:
+        return self.layout.n_models
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.segments) + 1
+
+    @property
+    def dimension(self) -> int:
+        return self.n_segments * self.layout.search_size
+
+    @property
+    def granularity(self) -> str:
+        return self.space.granularity
+
+    def names(self) -> list[str]:
+        names = self.layout.names(self.space.names)
+        if self.n_segments == 1:
+            return names
+        bounds = [1.0, *self.segments, 0.0]
+        return [f"sigma{bounds[j]:g}-{bounds[j + 1]:g}/{n}" for j in range(self.n_segments) for n in names]
+
+    def x0(self, guidance: float | None) -> torch.Tensor:
+        """The search's start: the unmodified model (all-ones coefficients, weights that reproduce it)."""
+        return self.layout.initial(guidance if self.layout.mode == "cfg" else None).repeat(self.n_segments)
+
+    def segment_of(self, sigma: float) -> int:
+        """The part of the schedule a step at noise level ``sigma`` falls in (0: the noisiest)."""
+        return sum(1 for t in self.segments if sigma <= t)
+
+    def segment(self, vectors: torch.Tensor, index: int) -> torch.Tensor:
+        """The paper-layout vectors ``[N, layout.search_size]`` of one part of the schedule."""
+        d = self.layout.search_size
+        return vectors[..., index * d : (index + 1) * d]
+
+    def effective_guidance(self, vector: Any) -> list[float] | None:
+        """The guidance scale a CFG-ensemble vector carries, per part of the schedule: ``w_cond / (w_cond + w_uncond)``."""
+        if self.layout.mode != "cfg":
+            return None
+        vec = torch.as_tensor(vector, dtype=torch.float64).reshape(-1)
+        w = self.layout.n_models * self.layout.size
+        out = []
+        for j in range(self.n_segments):
+            w_c, w_u = (float(v) for v in self.segment(vec, j)[w : w + 2])
+            out.append(w_c / (w_c + w_u) if w_c + w_u else float("nan"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "granularity": self.granularity,
+            "names": list(self.space.names),
+            "n_models": self.n_models,
+            "cfg": self.layout.cfg,
+            "segments": list(self.segments),
+        }
+
+    def check(self, vectors: Any, n: int | None = None) -> torch.Tensor:
+        """``[D]`` or ``[N, D]`` numbers -> float32 ``[N, D]`` on the CPU; one clear error otherwise.
+
+        A single ``[D]`` vector is shared by ``n`` images when ``n`` is given.
+        """
+        try:
+            vec = torch.as_tensor(vectors.detach() if isinstance(vectors, torch.Tensor) else vectors)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"Calibri vectors must be a tensor or nested sequence of numbers: {exc}") from None
+        vec = vec.to(device="cpu", dtype=torch.float32)
+        d = self.dimension
+        if vec.ndim == 1 and vec.shape[0] == d:
+            vec = vec.unsqueeze(0) if n is None else vec.unsqueeze(0).expand(n, d)
+        if vec.ndim != 2 or vec.shape[1] != d or vec.shape[0] < 1:
+            parts = f"{self.n_segments} schedule parts x " if self.n_segments > 1 else ""
+            raise ValueError(
+                f"Calibri vectors must have shape [P, {d}] or [{d}] ({parts}space.search_size({self.n_models}): "
+                f"{self.n_models} x {self.space.size} {self.space.granularity} coefficients + {self.n_models} weights), "
+                f"got {tuple(vec.shape)}"
+            )
+        if n is not None and vec.shape[0] != n:
+            raise ValueError(f"got {vec.shape[0]} Calibri vectors for {n} images")
+        if not torch.isfinite(vec).all():
+            raise ValueError("Calibri vectors contain NaN or infinite values")
+        return vec
+
+
+__all__ = [
+    "CalibrationSpace",
+    "SearchSpace",
+    "CalibrationError",
+    "Branch",
+    "GRANULARITIES",
+    "ADAPTERS",
+    "discover_branches",
+]

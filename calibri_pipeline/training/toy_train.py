@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from calibri_pipeline.arguments import positive_int
 from calibri_pipeline.atomic_io import write_bytes_atomic, write_json_atomic
 from calibri_pipeline.backbones.toy import (
     CONFIG_FILE,
@@ -115,9 +116,9 @@ class ToyTrainConfig:
         if not isinstance(self.model, ToyModelConfig):
             raise TypeError(f"model must be a ToyModelConfig, got {type(self.model).__name__}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        _positive_int("steps", self.steps)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("log_every", self.log_every)
+        positive_int("steps", self.steps)
+        positive_int("batch_size", self.batch_size)
+        positive_int("log_every", self.log_every)
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -177,11 +178,6 @@ class ToyTrainConfig:
         return cls(**dict(data))
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 # --------------------------------------------------------------------------- file helpers
 
 CHECKPOINT_FILE_MODE = 0o644  # checkpoints are shared package data: readable by all, whatever the umask
@@ -226,7 +222,7 @@ def set_sampling_defaults(path: str | Path, *, steps: int, guidance: float, shif
     """Record measured default steps / guidance in a checkpoint's config.json (atomically)."""
     path = Path(path) / CONFIG_FILE
     cfg = json.loads(path.read_text())
-    _positive_int("steps", steps)
+    positive_int("steps", steps)
     cfg["sampling"] = {"default_steps": int(steps), "default_guidance": float(guidance), "shift": float(shift)}
     if note:
         cfg["sampling"]["how_chosen"] = note
