@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flux_dev_pipeline,
     )
     from calibri_pipeline.method.ensemble import EnsembleLayout
-    from calibri_pipeline.method.search import default_popsize
+    from calibri_pipeline.method.search_config import default_popsize
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
 

@@ -42,7 +42,7 @@ def load_backbone(device: str):
 def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.method.ensemble import EnsembleLayout
     from calibri_pipeline.method.population import evaluate_population, evaluate_population_loop
-    from calibri_pipeline.method.search import default_popsize
+    from calibri_pipeline.method.search_config import default_popsize
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.rewards.world import WorldScore
     from calibri_pipeline.world.splits import make_splits

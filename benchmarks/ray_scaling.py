@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.method.population import LocalEvaluator
     from calibri_pipeline.method.ray_eval import RayWorkerPool, connect_ray
     from calibri_pipeline.method.sampler import SamplingSettings
-    from calibri_pipeline.method.search import default_popsize
+    from calibri_pipeline.method.search_config import default_popsize
     from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.rewards.world import WorldScore
     from calibri_pipeline.world.splits import make_splits

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from calibri_pipeline.method.alternatives import Tuned
     from calibri_pipeline.method.population import PopulationEvaluator
     from calibri_pipeline.method.sampler import Backbone
-    from calibri_pipeline.method.search import SearchConfig
+    from calibri_pipeline.method.search_config import SearchConfig
     from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.presets import Preset
     from calibri_pipeline.prompts.base import Prompt
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
     """The CMA-ES settings of a preset."""
-    from calibri_pipeline.method.search import SearchConfig
+    from calibri_pipeline.method.search_config import SearchConfig
 
     return SearchConfig(
         sigma0=preset.effective_sigma0,

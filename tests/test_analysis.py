@@ -234,7 +234,8 @@ def test_search_history_plot():
     from test_search import QuadraticObjective
 
     from calibri_pipeline.method.analysis import plot_search_history
-    from calibri_pipeline.method.search import CalibrationRun, SearchConfig
+    from calibri_pipeline.method.search import CalibrationRun
+    from calibri_pipeline.method.search_config import SearchConfig
 
     res = CalibrationRun(
         QuadraticObjective([0.5] * 3),

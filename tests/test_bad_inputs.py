@@ -235,7 +235,7 @@ def _malformed_jsonl(world: World) -> None:
 def _reward_with(value: float) -> Callable[[World], None]:
     def run(world: World) -> None:
         from calibri_pipeline.method.calibrate import calibrate
-        from calibri_pipeline.method.search import SearchConfig
+        from calibri_pipeline.method.search_config import SearchConfig
         from calibri_pipeline.method.space import CalibrationSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt
@@ -352,7 +352,7 @@ def _sql_write_hidden_in_cte(world: World) -> None:
 def _warm_start(values: list[float]) -> Callable[[World], None]:
     def run(world: World) -> None:
         from calibri_pipeline.method.calibrate import calibrate
-        from calibri_pipeline.method.search import SearchConfig
+        from calibri_pipeline.method.search_config import SearchConfig
         from calibri_pipeline.method.space import CalibrationSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt
@@ -390,7 +390,9 @@ def _nan_json(world: World) -> None:
 def _resume_other_settings(world: World) -> None:
     import numpy as np
 
-    from calibri_pipeline.method.search import CalibrationRun, PopulationScores, SearchConfig
+    from calibri_pipeline.method.objective import PopulationScores
+    from calibri_pipeline.method.search import CalibrationRun
+    from calibri_pipeline.method.search_config import SearchConfig
 
     class Quadratic:
         n_train_items = 4

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from calibri_pipeline.method.calibrate import calibrate
-from calibri_pipeline.method.search import SearchConfig
+from calibri_pipeline.method.search_config import SearchConfig
 from calibri_pipeline.method.space import CalibrationSpace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_calibration.json"

@@ -20,7 +20,8 @@ from calibri_pipeline.method.population import (
     evaluate_population_loop,
     max_batch_for_budget,
 )
-from calibri_pipeline.method.search import SearchConfig, make_bucket, validation_seeds
+from calibri_pipeline.method.search_config import SearchConfig
+from calibri_pipeline.method.seeds import make_bucket, validation_seeds
 from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
 from calibri_pipeline.method.state_store import MemoryStateStore
 from calibri_pipeline.prompts.base import Prompt

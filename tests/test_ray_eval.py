@@ -29,7 +29,7 @@ from calibri_pipeline.method.calibrate import calibrate  # noqa: E402
 from calibri_pipeline.method.ensemble import EnsembleLayout  # noqa: E402
 from calibri_pipeline.method.population import evaluate_population  # noqa: E402
 from calibri_pipeline.method.ray_eval import RayWorkerPool, connect_ray  # noqa: E402
-from calibri_pipeline.method.search import SearchConfig  # noqa: E402
+from calibri_pipeline.method.search_config import SearchConfig  # noqa: E402
 from calibri_pipeline.method.space import CalibrationSpace  # noqa: E402
 from calibri_pipeline.prompts.base import Prompt  # noqa: E402
 from calibri_pipeline.rewards.base import RewardError  # noqa: E402

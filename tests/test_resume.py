@@ -22,7 +22,9 @@ WORKER = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from calibri_pipeline.method.search import CalibrationRun, PopulationScores, SearchConfig
+    from calibri_pipeline.method.search import CalibrationRun
+    from calibri_pipeline.method.objective import PopulationScores
+    from calibri_pipeline.method.search_config import SearchConfig
     from calibri_pipeline.method.state_store import LocalStateStore
 
     store_dir, out_path, sleep_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -139,7 +141,9 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
 
 
 def test_tampered_state_is_detected_on_replay(tmp_path):
-    from calibri_pipeline.method.search import CalibrationRun, PopulationScores, SearchConfig
+    from calibri_pipeline.method.objective import PopulationScores
+    from calibri_pipeline.method.search import CalibrationRun
+    from calibri_pipeline.method.search_config import SearchConfig
 
     class Objective:
         n_train_items = 8

@@ -8,15 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from calibri_pipeline.method.search import (
-    Bucket,
-    CalibrationRun,
-    PopulationScores,
-    SearchConfig,
-    default_popsize,
-    make_bucket,
-    validation_seeds,
-)
+from calibri_pipeline.method.objective import PopulationScores
+from calibri_pipeline.method.search import CalibrationRun
+from calibri_pipeline.method.search_config import SearchConfig, default_popsize
+from calibri_pipeline.method.seeds import Bucket, make_bucket, validation_seeds
 from calibri_pipeline.method.state_store import MemoryStateStore
 
 

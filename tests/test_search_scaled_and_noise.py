@@ -9,14 +9,11 @@ import math
 import numpy as np
 import pytest
 
-from calibri_pipeline.method.search import (
-    CalibrationRun,
-    PopulationScores,
-    SearchConfig,
-    confirm_choice,
-    measure_noise,
-    validation_seeds_needed,
-)
+from calibri_pipeline.method.confirmation import confirm_choice
+from calibri_pipeline.method.noise import measure_noise, validation_seeds_needed
+from calibri_pipeline.method.objective import PopulationScores
+from calibri_pipeline.method.search import CalibrationRun
+from calibri_pipeline.method.search_config import SearchConfig
 from calibri_pipeline.method.state_store import MemoryStateStore
 
 

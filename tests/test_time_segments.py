@@ -72,7 +72,7 @@ def test_each_step_uses_the_part_of_the_schedule_its_noise_level_is_in(backbone)
 def test_calibrate_and_export_a_schedule(backbone, tmp_path):
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.method.export import export_calibrated
-    from calibri_pipeline.method.search import SearchConfig
+    from calibri_pipeline.method.search_config import SearchConfig
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.storage.object_store import ObjectStore
 

@@ -16,17 +16,12 @@ import numpy as np
 import torch
 
 from calibri_pipeline.method.ensemble import EnsembleLayout, GuidanceCoordinates
+from calibri_pipeline.method.objective import PopulationScores
 from calibri_pipeline.method.population import ImageCache, LocalEvaluator, PopulationEvaluator
 from calibri_pipeline.method.sampler import SamplingSettings
-from calibri_pipeline.method.search import (
-    Bucket,
-    CalibrationRun,
-    GenerationCallback,
-    PopulationScores,
-    SearchConfig,
-    SearchResult,
-    validation_seeds,
-)
+from calibri_pipeline.method.search import CalibrationRun, GenerationCallback, SearchResult
+from calibri_pipeline.method.search_config import SearchConfig
+from calibri_pipeline.method.seeds import CONFIRM_SEED_BASE, Bucket, confirmation_seeds, validation_seeds
 from calibri_pipeline.method.space import SearchSpace
 from calibri_pipeline.method.state_store import StateStore
 
@@ -184,16 +179,6 @@ class RewardObjective:
             "shift": ev.sampling.shift,
             "n_models": 1 if search is None else search.n_models,
         }
-
-
-#: per-prompt seeds of the confirmation re-scoring start here (validation and test use small ones)
-CONFIRM_SEED_BASE = 1_000_000
-
-
-def confirmation_seeds(seed: int, n_items: int, seeds_per_prompt: int = 1) -> list[int]:
-    """Fresh noise seeds for the final re-scoring (disjoint streams from validation's and the buckets')."""
-    rng = np.random.default_rng([seed, 0xC0F1A])
-    return [int(s) for s in rng.integers(0, 2**31 - 1, size=n_items * seeds_per_prompt)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,4 +382,4 @@ def calibrate(
     )
 
 
-__all__ = ["CalibrationResult", "RewardObjective", "calibrate", "confirmation_seeds"]
+__all__ = ["CalibrationResult", "RewardObjective", "calibrate"]
