@@ -194,7 +194,7 @@ def test_gpu_pool_limit_keeps_two_runs_off_the_same_card(tmp_path: Path) -> None
 
     The second run starts once the first holds the slot: Dagster's default SQLite storage claims
     slots without a row lock (its ``FOR UPDATE SKIP LOCKED`` is a no-op there), so two steps that
-    claim within the same few milliseconds can both get it; the README says so (Postgres storage
+    claim within the same few milliseconds can both get it; docs/pipeline.md says so (Postgres storage
     for a shared GPU host)."""
     env = _subprocess_env(tmp_path)
     set_gpu_pool_limit(dg.DagsterInstance.from_config(env["DAGSTER_HOME"]), 1)

@@ -2,7 +2,7 @@
 
 HPSv3 and ImageReward pin libraries this project cannot share (``hpsv3`` wants ``transformers==4.45.2``,
 ``image-reward`` breaks on transformers 5), so each runs from its own virtualenv behind
-``calibri serve-reward``. The recipes below are the pins measured to install *and* score (README,
+``calibri serve-reward``. The recipes below are the pins measured to install *and* score (docs/real-models.md,
 "Real reward models"); the command builds the venv, installs this checkout into it without its
 dependencies (the server needs only torch, numpy and pillow, which every recipe brings), imports the
 reward's package as a check, and prints the line that serves it::

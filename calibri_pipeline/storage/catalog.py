@@ -23,7 +23,7 @@ Files: ``<path>`` (the database), ``<path>.wal`` (DuckDB's write-ahead log, tran
 ``<path>.lock`` and ``<path>.lock-queue`` (empty; they carry the OS locks, the second one keeps a
 stream of readers from starving a writer).
 
-The schema follows (generated from :data:`TABLES`; the README includes :data:`SCHEMA_DOC`).
+The schema follows (generated from :data:`TABLES`; docs/catalog.md includes :data:`SCHEMA_DOC`).
 """
 
 from __future__ import annotations

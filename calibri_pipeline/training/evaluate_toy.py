@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="cpu (default; the numbers in the README) or a CUDA device")
+    p.add_argument("--device", default="cpu", help="cpu (default; the numbers in docs/method.md) or a CUDA device")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     p.add_argument("--grid", type=Path, default=None, help="also save a sample grid PNG at the default steps")
     p.add_argument("--progress", action="store_true")
