@@ -31,7 +31,7 @@ DEMO_MODEL = "toy"
 SIZES: dict[str, dict] = {
     "default": {},
     # fewer prompts and generations than the default in every stage (the grids stay the preset's)
-    "small": dict(n_train=200, n_val=32, n_test=48, generations=4, ablation_prompts=8),
+    "small": dict(n_train=200, n_val=32, n_test=48, max_generations=4, ablation_prompts=8),
     "tiny": dict(
         n_train=24,
         n_val=6,
@@ -40,7 +40,7 @@ SIZES: dict[str, dict] = {
         val_seeds=[0],
         calibration_steps=2,
         default_steps=4,
-        generations=2,
+        max_generations=2,
         popsize=4,
         bucket_size=4,
         val_every=1,

@@ -1,16 +1,19 @@
 """Ready-made configurations: the paper's experiments and the embedded default.
 
 A preset fixes what a calibration needs besides the model and the reward (which are the asset
-partitions): granularity, ensemble size, step counts, search sizes and the prompt sets. Asset
-configs start from the preset named by the model partition (or by ``preset=`` in the launchpad)
-and override single fields.
+partitions): granularity, ensemble size, step counts, search sizes and the prompt sets. It is the one
+place a configuration field is declared: the CMA-ES hyper-parameters are its ``search``
+(:class:`~calibri_pipeline.method.search_config.SearchConfig`, overridden by their own names, e.g.
+``max_generations=4``), the Dagster run config (``assets.common.CalibriConfig``) is generated from
+both, and ``calibri calibrate --set key=value`` overrides the same names.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from calibri_pipeline.method.search_config import SearchConfig
 from calibri_pipeline.rewards.names import PAPER_EVAL_REWARDS, WORLD_REWARD_NAMES
 
 T2I_COMPBENCH_TRAIN = "t2i_compbench_train.txt"
@@ -38,35 +41,45 @@ class Preset:
     n_train: int = 400
     n_val: int = 64
     n_test: int = 128
-    seeds: tuple[int, ...] = (0, 1)  # seeds per test prompt (diversity needs >= 2)
-    val_seeds: tuple[int, ...] = (0,)  # seeds per validation prompt (calibration and the alternatives)
-    # search (the paper: sigma0 0.25 on every coordinate, pycma's default population, bucket 16)
-    generations: int = 200
-    popsize: int | None = None
-    bucket_size: int = 16
-    val_every: int = 5
-    patience: int | None = 8
-    scaling: str = "paper"  # "paper": sigma0 on every coordinate; "sweep": per-coordinate from the scale sweep
-    sigma0: float | None = None  # None: 0.25 ("paper"), 1.0 ("sweep": the stds are absolute)
-    target_drop: float = 0.03  # "sweep": the first population's expected reward drop
-    weights: str = "paper"  # "paper": the ensemble weights as they are; "guidance": the CFG pair as guidance x scale
-    # "stock": x0 is the unmodified model; "guidance-tuned": the guidance-tuned model; "shift-tuned": the
-    # unmodified model at the tuned shift and guidance (the search samples at that shift: Calibri on top of
-    # it); "schedule-tuned": the tuned guidance schedule (one scale per part of the schedule) at that shift
-    start: str = "stock"
-    separable: bool = False  # diagonal covariance (pycma CMA_diagonal), for large spaces
-    segments: tuple[float, ...] = ()  # time-dependent calibration: noise levels that cut the schedule
-    probe_buckets: int = 0  # noise probe: x0 on this many extra buckets at generation 0
-    target_gain: float | None = None  # with the probe: size validation so 2 SE < this gain
-    max_val_seeds: int = 1  # ... with at most this many seeds per validation prompt
-    max_bucket_seeds: int = 1  # ... and training buckets so one generation's paired SE < the gain (1: off)
-    confirm_top: int = 0  # re-score x0 + this many best validated vectors on fresh seeds before choosing
+    seeds: tuple[int, ...] = field(
+        default=(0, 1), metadata={"doc": "noise seeds per test prompt (diversity needs >= 2)"}
+    )
+    val_seeds: tuple[int, ...] = field(
+        default=(0,), metadata={"doc": "noise seeds per validation prompt (calibration and the alternatives)"}
+    )
+    # the CMA-ES hyper-parameters (the paper: sigma0 0.25 on every coordinate, pycma's default population, bucket 16)
+    search: SearchConfig = SearchConfig(max_generations=200, patience=8)
+    scaling: str = field(
+        default="paper",
+        metadata={"doc": "paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)"},
+    )
+    target_drop: float = field(
+        default=0.03, metadata={"doc": "sweep scaling: the first population's expected reward drop"}
+    )
+    weights: str = field(
+        default="paper", metadata={"doc": "paper | guidance (the CFG pair searched as guidance x scale)"}
+    )
+    # "shift-tuned": the unmodified model at the tuned shift and guidance (the search samples at that shift:
+    # Calibri on top of it); "schedule-tuned": the tuned guidance schedule at that shift
+    start: str = field(
+        default="stock",
+        metadata={"doc": "stock | guidance-tuned | shift-tuned | schedule-tuned (where CMA-ES starts)"},
+    )
+    segments: tuple[float, ...] = field(
+        default=(), metadata={"doc": "time-dependent calibration: noise levels that cut the schedule into parts"}
+    )
     # the alternatives a user tries first, tuned on the validation cells
     alternatives: tuple[str, ...] = ("guidance", "slg")
     guidance_grid: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.5, 6.0)
-    shift_grid: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # the timestep shift, tuned jointly with the guidance grid
-    # a guidance per part of the schedule (segments): the tuned constant guidance + each offset, every combination
-    schedule_offsets: tuple[float, ...] = (-0.5, 0.0, 0.5)
+    shift_grid: tuple[float, ...] = field(
+        default=(1.0, 2.0, 3.0, 4.0), metadata={"doc": "timestep shifts tuned with the guidance grid"}
+    )
+    schedule_offsets: tuple[float, ...] = field(
+        default=(-0.5, 0.0, 0.5),
+        metadata={
+            "doc": "guidance schedule: offsets from the tuned guidance, per part of the schedule (all combinations)"
+        },
+    )
     slg_candidates: int = 3  # SLG: the blocks whose bypass hurts least, each alone
     slg_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     # analyses
@@ -98,38 +111,39 @@ class Preset:
                 "segments and the CFG ensemble (n_models=2)"
             )
 
-    @property
-    def effective_sigma0(self) -> float:
-        if self.sigma0 is not None:
-            return self.sigma0
-        return 0.25 if self.scaling == "paper" else 1.0
-
     def with_overrides(self, **overrides: Any) -> Preset:
+        """A copy with single fields replaced (None: keep); the search's fields go by their own names."""
         clean = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(clean) - set(asdict(self)))
+        search_names = set(SEARCH_OVERRIDES)
+        unknown = sorted(set(clean) - set(PRESET_OVERRIDES) - search_names - {"name", "notes", "search"})
         if unknown:
-            raise ValueError(f"unknown preset fields {unknown}")
-        for key in (
-            "seeds",
-            "val_seeds",
-            "eval_rewards",
-            "nfe_list",
-            "ablation_seeds",
-            "sweep_alphas",
-            "alternatives",
-            "guidance_grid",
-            "shift_grid",
-            "schedule_offsets",
-            "slg_scales",
-            "segments",
-        ):
-            if key in clean:
-                value = clean[key]
+            import difflib
+
+            known = [*PRESET_OVERRIDES, *search_names]
+            hints = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+            said = ", ".join(f"{u} (did you mean {h[0]}?)" if h else u for u, h in hints.items())
+            raise ValueError(f"unknown preset fields: {said}")
+        for key, value in clean.items():
+            if isinstance(value, list) or (key in TUPLE_FIELDS and not isinstance(value, tuple)):
                 clean[key] = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        search = {k: clean.pop(k) for k in list(clean) if k in search_names}
+        if search:
+            clean["search"] = replace(clean.get("search", self.search), **search)
         return replace(self, **clean)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["search"] = self.search.to_dict()
+        return d
+
+
+#: the preset's own fields a run may override (model and reward are the partitions)
+PRESET_OVERRIDES = tuple(f.name for f in fields(Preset) if f.name not in ("name", "model", "reward", "notes", "search"))
+#: the search's fields a run may override by name (the seed comes from the run)
+SEARCH_OVERRIDES = tuple(f.name for f in fields(SearchConfig) if f.name != "seed")
+TUPLE_FIELDS = frozenset(
+    f.name for cls in (Preset, SearchConfig) for f in fields(cls) if str(f.type).startswith("tuple")
+)
 
 
 # the paper's setting on the embedded world: calibrated at 4 steps (the demo's default until 2026-12-07;
@@ -150,17 +164,20 @@ EMBEDDED_4_STEPS = Preset(
     n_test=64,
     seeds=(0, 1),
     val_seeds=(0, 1),
-    generations=10,
-    bucket_size=16,
-    val_every=3,
-    patience=None,
+    search=SearchConfig(
+        sigma0=None,  # 1.0: the sweep's initial stds are absolute
+        max_generations=10,
+        bucket_size=16,
+        val_every=3,
+        patience=None,
+        probe_buckets=2,
+        target_gain=0.03,
+        max_val_seeds=3,
+        confirm_top=2,
+    ),
     scaling="sweep",
     weights="guidance",
     start="guidance-tuned",
-    probe_buckets=2,
-    target_gain=0.03,
-    max_val_seeds=3,
-    confirm_top=2,
     guidance_grid=(1.0, 1.5, 2.0, 2.5, 3.0),
     slg_candidates=2,
     slg_scales=(1.0,),
@@ -187,7 +204,7 @@ EMBEDDED_DEFAULT = EMBEDDED_4_STEPS.with_overrides(
     segments=(0.9,),  # the first step (sigma 1) alone: the second sits at <= 0.8 for every shift of the grid
     alternatives=("guidance", "shift", "schedule"),  # SLG never helped this model (embedded-4-steps measures it)
     shift_grid=(1.0, 2.0, 3.0, 4.0),
-    generations=7,  # the selection run's pick came from generation 6 of 12 (validated at 0, 3 and 6)
+    max_generations=7,  # the selection run's pick came from generation 6 of 12 (validated at 0, 3 and 6)
     notes="the toy DiT calibrated at 2 steps, time-dependent (one set of block coefficients and CFG weights per "
     "step), from the guidance-tuned model; compared with the tuned timestep shift x guidance and the tuned "
     "guidance schedule; exported as calibri_schedule.json",
@@ -211,9 +228,7 @@ PRESETS: dict[str, Preset] = {
             n_train=400,
             n_val=48,
             n_test=96,
-            generations=30,
-            val_every=5,
-            patience=4,
+            search=SearchConfig(max_generations=30, val_every=5, patience=4),
             ablation_prompts=24,
             ablation_seeds=(0, 1),
             sweep_alphas=(0.0, 0.5, 1.0, 1.5, 2.0),
@@ -236,7 +251,7 @@ PRESETS: dict[str, Preset] = {
             default_steps=30,
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
-            generations=200,
+            search=SearchConfig(max_generations=200, patience=8),
             alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, block scaling (57), 200 iterations, ~32 H100-hours",
         ),
@@ -249,7 +264,7 @@ PRESETS: dict[str, Preset] = {
             default_steps=30,
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
-            generations=410,
+            search=SearchConfig(max_generations=410, patience=8),
             alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, layer scaling (76), 410 iterations",
         ),
@@ -262,7 +277,7 @@ PRESETS: dict[str, Preset] = {
             default_steps=30,
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
-            generations=960,
+            search=SearchConfig(max_generations=960, patience=8),
             alternatives=("guidance",),  # FLUX.1-dev is guidance-distilled: no CFG pass to skip layers in
             notes="paper Table 1: FLUX.1-dev, gate scaling (114), 960 iterations",
         ),
@@ -276,8 +291,8 @@ PRESETS: dict[str, Preset] = {
             default_steps=80,
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
-            generations=2280,
-            separable=True,  # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
+            # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
+            search=SearchConfig(max_generations=2280, patience=8, separable=True),
             notes="paper Table 5: SD-3.5 Medium, gate scaling with standard CFG as an ensemble of 2 (216)",
         ),
         Preset(
@@ -290,8 +305,8 @@ PRESETS: dict[str, Preset] = {
             default_steps=100,
             eval_rewards=PAPER_EVAL_REWARDS,
             prompt_source="t2i-compbench",
-            generations=630,
-            separable=True,  # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
+            # 216 / 482 coordinates: a full covariance would learn next to nothing in the paper's budget
+            search=SearchConfig(max_generations=630, patience=8, separable=True),
             notes="paper Table 5: Qwen-Image, gate scaling with true CFG as an ensemble of 2 (482)",
         ),
     ]

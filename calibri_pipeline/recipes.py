@@ -24,24 +24,10 @@ if TYPE_CHECKING:
 
 
 def search_config(preset: Preset, seed: int = 0) -> SearchConfig:
-    """The CMA-ES settings of a preset."""
-    from calibri_pipeline.method.search_config import SearchConfig
+    """The preset's CMA-ES settings for a run with ``seed``, sigma0 resolved (1.0: the sweep's stds are absolute)."""
+    from dataclasses import replace
 
-    return SearchConfig(
-        sigma0=preset.effective_sigma0,
-        max_generations=preset.generations,
-        popsize=preset.popsize,
-        bucket_size=preset.bucket_size,
-        val_every=preset.val_every,
-        patience=preset.patience,
-        separable=preset.separable,
-        probe_buckets=preset.probe_buckets,
-        target_gain=preset.target_gain,
-        max_val_seeds=preset.max_val_seeds,
-        max_bucket_seeds=preset.max_bucket_seeds,
-        confirm_top=preset.confirm_top,
-        seed=seed,
-    )
+    return replace(preset.search, seed=seed).resolved(has_initial_stds=preset.scaling == "sweep")
 
 
 def calibration_arguments(

@@ -144,9 +144,9 @@ def test_a_preset_becomes_the_core_arguments():
     cfg = search_config(preset, seed=3)
     assert (cfg.sigma0, cfg.max_generations, cfg.probe_buckets, cfg.confirm_top, cfg.seed) == (
         1.0,
-        preset.generations,
-        preset.probe_buckets,
-        preset.confirm_top,
+        preset.search.max_generations,
+        preset.search.probe_buckets,
+        preset.search.confirm_top,
         3,
     )
     sweep = _sweep({"blocks.0": 0.4, "blocks.1": 0.05, "blocks.2": 1.0})

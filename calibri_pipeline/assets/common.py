@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Sequence
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
 
 from calibri_pipeline.presets import DEFAULT_PRESET, Preset, default_preset_for_model, get_preset
 from calibri_pipeline.rewards.names import OPTIMISABLE_REWARDS
@@ -130,59 +130,57 @@ def latest_calibration(catalog: Catalog, model: str, reward: str) -> dict[str, A
 GROUP = "calibri"
 
 
-class CalibriConfig(dg.Config):
-    """Options shared by every asset; empty fields take the preset's value (calibri_pipeline/presets.py)."""
+def _optional(annotation: Any) -> Any:
+    """A preset field's type as an optional run-config type (tuples become lists: the launchpad edits YAML)."""
+    import types
+    import typing
 
-    preset: str | None = Field(
-        default=None, description="preset name (default: by model kind, see calibri_pipeline/presets.py)"
-    )
-    n_train: int | None = None
-    n_val: int | None = None
-    n_test: int | None = None
-    seeds: list[int] | None = Field(default=None, description="noise seeds per test prompt")
-    val_seeds: list[int] | None = Field(default=None, description="noise seeds per validation prompt")
-    calibration_steps: int | None = None
-    default_steps: int | None = None
-    generations: int | None = None
-    popsize: int | None = None
-    bucket_size: int | None = None
-    val_every: int | None = None
-    patience: int | None = None
-    granularity: str | None = None
-    n_models: int | None = None
-    scaling: str | None = Field(
-        default=None, description="paper (sigma0 on every coordinate) | sweep (per coordinate, from the scale sweep)"
-    )
-    weights: str | None = Field(
-        default=None, description="paper | guidance (the CFG pair searched as guidance x scale)"
-    )
-    start: str | None = Field(
-        default=None, description="stock | guidance-tuned | shift-tuned | schedule-tuned (where CMA-ES starts)"
-    )
-    separable: bool | None = None
-    probe_buckets: int | None = None
-    target_gain: float | None = None
-    max_val_seeds: int | None = None
-    max_bucket_seeds: int | None = None
-    confirm_top: int | None = None
-    alternatives: list[str] | None = None
-    guidance_grid: list[float] | None = None
-    shift_grid: list[float] | None = Field(default=None, description="timestep shifts tuned with the guidance grid")
-    schedule_offsets: list[float] | None = Field(
-        default=None, description="guidance schedule: offsets from the tuned guidance, per part of the schedule"
-    )
-    segments: list[float] | None = Field(default=None, description="noise levels that cut the schedule into parts")
-    slg_candidates: int | None = None
-    slg_scales: list[float] | None = None
-    nfe_list: list[int] | None = None
-    ablation_prompts: int | None = None
-    ablation_seeds: list[int] | None = None
-    sweep_alphas: list[float] | None = None
-    max_batch: int | None = None
-    llm_rewrite: bool = Field(
-        default=False, description="rewrite world prompts with the LLM (checked against their specs)"
-    )
-    warm_start_from: str | None = Field(default=None, description="model key whose latest calibration seeds CMA-ES")
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return list[args[0]] | None
+    if origin in (typing.Union, types.UnionType):
+        return _optional(args[0]) if len(args) == 1 else annotation | None
+    return annotation | None
+
+
+def _run_config_fields() -> dict[str, Any]:
+    """One optional run-config field per overridable preset field (and the search's, by their names)."""
+    import dataclasses
+    import typing
+
+    from calibri_pipeline.method.search_config import SearchConfig
+    from calibri_pipeline.presets import PRESET_OVERRIDES, SEARCH_OVERRIDES
+
+    out: dict[str, Any] = {}
+    for cls, names, where in ((Preset, PRESET_OVERRIDES, "preset"), (SearchConfig, SEARCH_OVERRIDES, "search")):
+        hints = typing.get_type_hints(cls)
+        docs = {f.name: f.metadata.get("doc") for f in dataclasses.fields(cls)}
+        for name in names:
+            if hasattr(dg.Config, name):  # `validate` is pydantic's: set it through a preset or `--set`
+                continue
+            description = docs[name] or f"the {where}'s {name}"
+            out[name] = (_optional(hints[name]), Field(default=None, description=description))
+    return out
+
+
+#: options shared by every asset: generated from the preset's fields (calibri_pipeline/presets.py) and
+#: the search's, so no field is written twice; empty fields take the preset's value
+CalibriConfig = create_model(
+    "CalibriConfig",
+    __base__=dg.Config,
+    __doc__="Options shared by every asset; empty fields take the preset's value (calibri_pipeline/presets.py).",
+    preset=(str | None, Field(default=None, description="preset name (default: by model kind, see presets.py)")),
+    llm_rewrite=(
+        bool,
+        Field(default=False, description="rewrite world prompts with the LLM (checked against their specs)"),
+    ),
+    warm_start_from=(
+        str | None,
+        Field(default=None, description="model key whose latest calibration seeds CMA-ES"),
+    ),
+    **_run_config_fields(),
+)
 
 
 class Stage:

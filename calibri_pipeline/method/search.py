@@ -115,9 +115,9 @@ class CalibrationRun:
         decode: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.objective = objective
-        self.config = config if config is not None else SearchConfig()
-        if not isinstance(self.config, SearchConfig):
-            raise TypeError(f"config must be a SearchConfig, got {type(self.config).__name__}")
+        config = config if config is not None else SearchConfig()
+        if not isinstance(config, SearchConfig):
+            raise TypeError(f"config must be a SearchConfig, got {type(config).__name__}")
         self.x0 = np.array(x0, dtype=np.float64).reshape(-1)
         self.lower = np.array(lower, dtype=np.float64).reshape(-1)
         self.upper = np.array(upper, dtype=np.float64).reshape(-1)
@@ -146,6 +146,7 @@ class CalibrationRun:
             self.initial_stds.size != d or not np.all(np.isfinite(self.initial_stds)) or np.any(self.initial_stds <= 0)
         ):
             raise ValueError(f"initial_stds must be {d} positive finite numbers, got {initial_stds!r}")
+        self.config = config.resolved(has_initial_stds=self.initial_stds is not None)
         # search coordinates -> the vectors the objective scores (identity unless a reparameterisation)
         self.decode = decode if decode is not None else (lambda z: np.array(z, dtype=np.float64))
         self.names = list(names) if names is not None else None

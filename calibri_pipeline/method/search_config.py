@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 from calibri_pipeline.arguments import positive_int
@@ -28,8 +28,9 @@ class SearchConfig:
       ``tolfun``, ``tolfunhist`` -- are disabled: every generation scores a different bucket, and a
       discrete reward such as accuracy is often flat on 16 prompts).
     - the initial step size of coordinate ``i`` is ``sigma0 * initial_stds[i]`` (pycma's ``CMA_stds``;
-      :class:`CalibrationRun` takes ``initial_stds``, all ones by default: the paper's uniform
-      σ0 = 0.25); ``separable`` learns only a diagonal covariance (pycma's ``CMA_diagonal``), which
+      :class:`CalibrationRun` takes ``initial_stds``, all ones by default). ``sigma0=None`` resolves to
+      the paper's uniform 0.25 without ``initial_stds`` and to 1.0 with them (they are then each
+      coordinate's absolute first step, as the scale sweep gives them); ``separable`` learns only a diagonal covariance (pycma's ``CMA_diagonal``), which
       needs far fewer generations per coordinate in large spaces (the paper's 216-482).
     - noise (off by default): ``probe_buckets > 0`` scores x0 on that many extra buckets at
       generation 0 and measures the fitness noise against the spread of the first population
@@ -44,7 +45,7 @@ class SearchConfig:
       ``confirm_level`` (Bonferroni-corrected over the candidates): a margin noise cannot fake.
     """
 
-    sigma0: float = 0.25
+    sigma0: float | None = None  # resolved by the run: 0.25, or 1.0 with initial_stds (see above)
     popsize: int | None = None
     max_generations: int = 100
     bucket_size: int = 16
@@ -68,8 +69,10 @@ class SearchConfig:
     confirm_level: float = 0.95
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sigma0, (int, float)) and self.sigma0 > 0 and math.isfinite(self.sigma0)):
-            raise ValueError(f"SearchConfig.sigma0 must be a positive number, got {self.sigma0!r}")
+        if self.sigma0 is not None and not (
+            isinstance(self.sigma0, (int, float)) and self.sigma0 > 0 and math.isfinite(self.sigma0)
+        ):
+            raise ValueError(f"SearchConfig.sigma0 must be a positive number or None, got {self.sigma0!r}")
         positive_int("SearchConfig.popsize", self.popsize, allow_none=True)
         if self.popsize is not None and self.popsize < 2:
             raise ValueError(f"SearchConfig.popsize must be >= 2 (CMA-ES ranks candidates), got {self.popsize}")
@@ -104,6 +107,12 @@ class SearchConfig:
             raise ValueError("SearchConfig.target_gain sizes validation from the noise probe: set probe_buckets >= 1")
         if not (0.5 < self.confirm_level < 1.0):
             raise ValueError(f"SearchConfig.confirm_level must be in (0.5, 1), got {self.confirm_level!r}")
+
+    def resolved(self, has_initial_stds: bool) -> SearchConfig:
+        """``sigma0`` filled in: 0.25 (the paper's, on every coordinate) or 1.0 (absolute initial stds)."""
+        if self.sigma0 is not None:
+            return self
+        return replace(self, sigma0=1.0 if has_initial_stds else 0.25)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
