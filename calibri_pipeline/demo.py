@@ -244,7 +244,8 @@ def summary_text(home: Path, info: dict) -> str:
     run = latest_calibration(catalog, model, reward)
     evals = catalog.query("SELECT * FROM evaluations WHERE run_key = ?", [info["partition"]])
     comparisons = catalog.query("SELECT * FROM comparisons WHERE run_key = ?", [info["partition"]])
-    preset = json.loads(run["config"])["preset"]
+    run_config = json.loads(run["config"])
+    preset = run_config["preset"]
     low, default = preset["calibration_steps"], preset["default_steps"]
     headline = headline_table(evals, comparisons, reward, low, default)
     means = setting_means(evals, low, list(WORLD_REWARD_NAMES))
@@ -254,7 +255,7 @@ def summary_text(home: Path, info: dict) -> str:
         "",
         *([verdict] if verdict else []),
         f"Calibri on the embedded default ({preset['name']}: {run['granularity']} scaling, n_models={run['n_models']}, "
-        f"{run['generations']} of at most {preset['generations']} CMA-ES generations) in {info['wall_seconds'] / 60:.1f} min",
+        f"{run['generations']} of at most {run_config['search']['max_generations']} CMA-ES generations) in {info['wall_seconds'] / 60:.1f} min",
         f"validation {reward}: start {run['baseline_val']:.4f} -> selected {run['best_val']:.4f}",
         "",
         f"Held-out test prompts, {reward} (mean [95% CI]; paired differences on the same prompts and noise):",

@@ -82,6 +82,7 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
             con.execute(f"DROP TABLE {table}")
         con.execute('ALTER TABLE calibration_runs RENAME COLUMN "vector" TO coefficients')
         con.execute("ALTER TABLE calibration_runs DROP COLUMN noise")
+        con.execute("ALTER TABLE calibration_runs DROP COLUMN segments")
         con.execute("ALTER TABLE evaluations DROP COLUMN setting")
         con.execute("ALTER TABLE evaluations DROP COLUMN guidance")
         con.execute("UPDATE catalog_meta SET value = '1' WHERE key = 'schema_version'")
@@ -103,6 +104,26 @@ def test_a_version_1_catalog_is_upgraded_in_place(tmp_path: Path) -> None:
     for table in TABLES.values():  # every documented column exists after the upgrade
         cols = upgraded.query(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table.name}'")
         assert set(table.column_names) <= set(cols["column_name"].to_list()), table.name
+
+
+def test_a_version_2_catalog_gets_each_runs_segments_from_its_config(tmp_path: Path) -> None:
+    """Version 2 kept a run's time segments only inside its `config` JSON; version 3 has a column."""
+    import duckdb
+
+    path = tmp_path / "v2.duckdb"
+    Catalog(path)
+    with duckdb.connect(str(path)) as con:
+        con.execute("ALTER TABLE calibration_runs DROP COLUMN segments")
+        con.execute("UPDATE catalog_meta SET value = '2' WHERE key = 'schema_version'")
+        con.execute(
+            "INSERT INTO calibration_runs (run_id, model, reward, granularity, status, config) VALUES "
+            """('timed', 'toy', 'world_score', 'block', 'finished', '{"preset": {"segments": [0.9, 0.5]}}'), """
+            """('plain', 'toy', 'world_score', 'block', 'finished', '{"preset": {"segments": []}}'), """
+            "('bare', 'toy', 'world_score', 'block', 'finished', NULL)"
+        )
+    upgraded = Catalog(path)
+    rows = upgraded.query("SELECT run_id, segments FROM calibration_runs ORDER BY run_id").rows()
+    assert [(run_id, list(seg)) for run_id, seg in rows] == [("bare", []), ("plain", []), ("timed", [0.9, 0.5])]
 
 
 def test_insert_new_keeps_the_first_row_of_a_key(tmp_catalog: Catalog) -> None:

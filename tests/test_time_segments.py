@@ -102,3 +102,32 @@ def test_calibrate_and_export_a_schedule(backbone, tmp_path):
     assert saved["segments"] == [0.6] and saved["vector"] == pytest.approx(result.vector.tolist())
     with pytest.raises(ValueError, match="needs 2 x|needs"):
         export_calibrated(backbone, "block", result.vector.tolist()[:-1], 2, store, "ckpt2", segments=(0.6,))
+
+
+def test_the_run_record_rebuilds_the_search_space_and_names_its_segments(backbone):
+    """One run record (SearchSpace.to_dict) serves Ray, the catalog and export: it round-trips on the same
+    model, is refused on another, and a run's id and state folder tell two segmentations apart."""
+    from calibri_pipeline.assets.calibration import run_id_for
+
+    space = _space(backbone)
+    search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.9, 0.4))
+    record = search.to_dict()
+    assert record == {
+        "granularity": "block",
+        "names": list(space.names),
+        "n_models": 2,
+        "cfg": True,
+        "segments": [0.9, 0.4],
+    }
+    for model in (backbone.transformer, space):  # the space discovered on the transformer, or given
+        rebuilt = SearchSpace.from_dict(record, model)
+        assert rebuilt.to_dict() == record and rebuilt.names() == search.names()
+        assert rebuilt.layout == search.layout and rebuilt.dimension == search.dimension == 3 * (2 * space.size + 2)
+    gate = CalibrationSpace.from_transformer(backbone.transformer, "gate")
+    with pytest.raises(ValueError, match="made for another architecture"):
+        SearchSpace.from_dict(record, gate)
+    with pytest.raises(ValueError, match=r"needs \['cfg'\]"):
+        SearchSpace.from_dict({k: v for k, v in record.items() if k != "cfg"}, space)
+    assert run_id_for("toy", "world_score", "block", 2) == "toy|world_score|block|n2"
+    assert run_id_for("toy", "world_score", "block", 2, (0.9,)) == "toy|world_score|block|n2|s0.9"
+    assert run_id_for("toy", "world_score", "block", 2, (0.8,)) != run_id_for("toy", "world_score", "block", 2, (0.9,))

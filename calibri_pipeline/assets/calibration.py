@@ -20,8 +20,9 @@ from calibri_pipeline.assets.common import (
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource, RayResource
 
 
-def run_id_for(model: str, reward: str, granularity: str, n_models: int) -> str:
-    return f"{model}|{reward}|{granularity}|n{n_models}"
+def run_id_for(model: str, reward: str, granularity: str, n_models: int, segments=()) -> str:
+    """A calibration's id: partition and search space (two segmentations of one model are two runs)."""
+    return f"{model}|{reward}|{granularity}|n{n_models}" + "".join(f"|s{float(t):g}" for t in segments)
 
 
 def _now() -> datetime:
@@ -81,7 +82,7 @@ def calibration(
     preset, store, cat = stage.preset, stage.store, stage.catalog
     space = stage.space()
     train, val = stage.prompts("train"), stage.prompts("val")
-    run_id = run_id_for(stage.model, stage.reward, preset.granularity, preset.n_models)
+    run_id = run_id_for(stage.model, stage.reward, preset.granularity, preset.n_models, preset.segments)
     warm, warm_from = _warm_start(
         stage, config.warm_start_from or _parent_model(stage.model, store), space, preset.n_models
     )
@@ -102,13 +103,15 @@ def calibration(
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     cfg = search_config(preset)
-    state_prefix = f"calibration-state/{stage.model}/{stage.reward}/{preset.granularity}-n{preset.n_models}"
+    # the run's own folder: its id without the partition, e.g. `block-n2` or `block-n2-s0.9`
+    state_prefix = f"calibration-state/{stage.model}/{stage.reward}/" + "-".join(run_id.split("|")[2:])
     base_row = dict(
         run_id=run_id,
         model=stage.model,
         reward=stage.reward,
         granularity=preset.granularity,
         n_models=preset.n_models,
+        segments=[float(t) for t in preset.segments],
         checkpoint=stage.model if "--" in stage.model else None,
         warm_start_from=warm_from
         or (f"{tuned['name']} ({tuned['label']})" if start_tuning(preset) and tuned else None),
@@ -223,10 +226,8 @@ def calibration(
             confirmation=search.confirmation,
         ),
     )
-    from calibri_pipeline.method.space import SearchSpace
-
     # one name per number of the vector: with time segments, each part of the schedule has its own
-    coef_table = pl.DataFrame({"name": SearchSpace(space, result.layout, result.segments).names(), "value": vector})
+    coef_table = pl.DataFrame({"name": result.space.names(), "value": vector})
     meta = {
         "run_id": run_id,
         "generations": search.n_generations,
@@ -256,3 +257,15 @@ def load_calibration(stage: Stage) -> dict:
     if row is None:
         raise dg.Failure(f"no finished calibration for {stage.model} / {stage.reward}: materialize `calibration` first")
     return row
+
+
+def calibration_search(stage: Stage, run: dict):
+    """The search space a catalog run's vector lives in, rebuilt on this partition's model from the run record."""
+    from calibri_pipeline.method.space import SearchSpace
+
+    record = {k: run[k] for k in ("granularity", "names", "n_models", "segments")}
+    record["cfg"] = bool(stage.backbone.uses_cfg)  # the layout follows the model's guidance kind
+    try:
+        return SearchSpace.from_dict(record, stage.space(run["granularity"]))
+    except ValueError as error:
+        raise dg.Failure(f"calibration {run['run_id']}: {error}") from error

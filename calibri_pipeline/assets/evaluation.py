@@ -8,7 +8,7 @@ import dagster as dg
 
 from calibri_pipeline.assets.alternatives import load_tunings
 from calibri_pipeline.assets.baselines import baseline_scores
-from calibri_pipeline.assets.calibration import calibration, load_calibration
+from calibri_pipeline.assets.calibration import calibration, calibration_search, load_calibration
 from calibri_pipeline.assets.common import (
     GROUP,
     PARTITIONS,
@@ -47,21 +47,14 @@ def evaluation(
     import torch
 
     from calibri_pipeline.method.analysis import evaluate_settings, plot_nfe
-    from calibri_pipeline.method.space import SearchSpace
     from calibri_pipeline.recipes import comparison_settings
     from calibri_pipeline.report import headline_table
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset, cat = stage.preset, stage.catalog
     run = load_calibration(stage)
-    space = stage.space(run["granularity"])
+    search = calibration_search(stage, run)
     run_config = json.loads(run["config"])
-    search = SearchSpace.for_model(
-        space,
-        run["n_models"],
-        uses_cfg=bool(stage.backbone.uses_cfg),
-        segments=run_config["preset"].get("segments") or (),
-    )
     run_guidance = run_config.get("guidance")
     tunings = load_tunings(stage)
     settings, references = comparison_settings(

@@ -1,10 +1,8 @@
 """Stage 7: the calibration baked into stock diffusers checkpoints, and the paper's tables across partitions."""
 
-import json
-
 import dagster as dg
 
-from calibri_pipeline.assets.calibration import calibration, load_calibration
+from calibri_pipeline.assets.calibration import calibration, calibration_search, load_calibration
 from calibri_pipeline.assets.common import GROUP, PARTITIONS, Stage, table_md
 from calibri_pipeline.assets.evaluation import diversity, evaluation
 from calibri_pipeline.resources import CatalogResource, ComputeResource, ObjectStoreResource
@@ -24,16 +22,16 @@ def calibrated_checkpoint(
     stage = Stage(context, None, catalog, object_store, compute)
     run = load_calibration(stage)
     prefix = f"checkpoints/{stage.model}/{stage.reward}"
-    segments = json.loads(run["config"])["preset"].get("segments") or ()
+    search = calibration_search(stage, run)
     manifest = export_calibrated(
         stage.backbone,
-        run["granularity"],
+        search.granularity,
         run["vector"],
-        run["n_models"],
+        search.n_models,
         stage.store,
         prefix,
         extra={"run_id": run["run_id"], "reward": stage.reward, "model": stage.model},
-        segments=segments,
+        segments=search.segments,
     )
     stage.summary(f"calibrated_checkpoint: {len(manifest['members'])} member(s) under {prefix}")
     return dg.MaterializeResult(

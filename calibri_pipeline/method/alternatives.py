@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from calibri_pipeline.method.analysis import Setting, evaluate_settings
-from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.space import SearchSpace
 
 if TYPE_CHECKING:
@@ -213,7 +212,7 @@ def tune_guidance_schedule(
 
 def slg_search(space: CalibrationSpace) -> SearchSpace:
     """The CFG layout with a third member: what skip-layer guidance is as a Calibri ensemble."""
-    return SearchSpace(space, EnsembleLayout(space.size, 3, cfg=True))
+    return SearchSpace.for_model(space, 3, uses_cfg=True)
 
 
 def slg_vector(space: CalibrationSpace, skip: Sequence[int], guidance: float, scale: float) -> torch.Tensor:

@@ -191,17 +191,30 @@ class CalibrationResult:
     """A finished calibration: the search result plus its meaning for the model."""
 
     search: SearchResult
-    layout: EnsembleLayout
-    coefficient_names: list[str]
-    granularity: str
+    space: SearchSpace  # what the vector means (its run record: ``space.to_dict()``)
     steps: int
     guidance: float | None
-    segments: tuple[float, ...] = ()
     shift: float = 1.0  # the sampler's sigma shift the vector was calibrated at
 
     @property
     def vector(self) -> np.ndarray:
         return self.search.vector
+
+    @property
+    def layout(self) -> EnsembleLayout:
+        return self.space.layout
+
+    @property
+    def segments(self) -> tuple[float, ...]:
+        return self.space.segments
+
+    @property
+    def granularity(self) -> str:
+        return self.space.granularity
+
+    @property
+    def coefficient_names(self) -> list[str]:
+        return list(self.space.space.names)
 
     @property
     def n_models(self) -> int:
@@ -372,10 +385,7 @@ def calibrate(
     result = run.run()
     return CalibrationResult(
         search=result,
-        layout=layout,
-        segments=search.segments,
-        coefficient_names=list(space.names),
-        granularity=space.granularity,
+        space=search,
         steps=sampling.steps,
         guidance=sampling.guidance,
         shift=float(sampling.shift),

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from calibri_pipeline.arguments import positive_int
-from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import (
     ImageJob,
     PopulationEvaluator,
@@ -162,9 +161,9 @@ class PopulationWorker:
         """Make and score one chunk: ``{"scores": {reward: [n]}, "images": uint8 [n, 3, H, W] or None}``."""
         rewards = self._reward_list(request["reward_key"], request["rewards"])
         search = None
-        if request["layout"] is not None:
-            space = self._space(request["granularity"], request["names"])
-            search = SearchSpace(space, EnsembleLayout(**request["layout"]), tuple(request["segments"]))
+        if request["search"] is not None:
+            record = request["search"]
+            search = SearchSpace.from_dict(record, self._space(record["granularity"], record["names"]))
         vectors = request["vectors"]
         jobs = [
             ImageJob(prompt, seed, None if vectors[i] is None else torch.from_numpy(vectors[i]), "", "", guidance)
@@ -393,12 +392,7 @@ class RayWorkerPool:
             "rewards": reward_holder,
             "sampling": sampling,
             "want_images": want_images,
-            "granularity": None if search is None else search.granularity,
-            "names": None if search is None else list(search.space.names),
-            "layout": None
-            if search is None
-            else {"size": search.layout.size, "n_models": search.layout.n_models, "cfg": search.layout.cfg},
-            "segments": None if search is None else list(search.segments),
+            "search": None if search is None else search.to_dict(),  # the run record; the worker rebuilds it
         }
         n_images = len(jobs)
         n_chunks = min(n_images, len(self._workers) * self.chunks_per_worker)

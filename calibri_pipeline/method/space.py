@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -452,6 +452,7 @@ class SearchSpace:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The run record of a search space: what a vector means, without the model (see :meth:`from_dict`)."""
         return {
             "granularity": self.granularity,
             "names": list(self.space.names),
@@ -459,6 +460,29 @@ class SearchSpace:
             "cfg": self.layout.cfg,
             "segments": list(self.segments),
         }
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any], model: CalibrationSpace | nn.Module) -> SearchSpace:
+        """The search space a record (:meth:`to_dict`, a catalog row, a Ray request) describes, on ``model``.
+
+        ``model`` is the transformer (its calibration space is discovered at the record's granularity)
+        or that space itself; a model whose space differs from the record's names is refused.
+        """
+        missing = sorted({"granularity", "names", "n_models", "cfg"} - set(record))
+        if missing:
+            raise ValueError(f"a search-space record needs {missing}, got keys {sorted(record)}")
+        space = (
+            model
+            if isinstance(model, CalibrationSpace)
+            else CalibrationSpace.from_transformer(model, record["granularity"])
+        )
+        if space.granularity != record["granularity"] or list(space.names) != list(record["names"]):
+            raise ValueError(
+                f"the record's {record['granularity']} calibration space ({len(record['names'])} coefficients) is not "
+                f"this model's {space.granularity} space ({space.size}): it was made for another architecture"
+            )
+        segments = tuple(record.get("segments") or ())
+        return cls.for_model(space, int(record["n_models"]), uses_cfg=bool(record["cfg"]), segments=segments)
 
     def check(self, vectors: Any, n: int | None = None) -> torch.Tensor:
         """``[D]`` or ``[N, D]`` numbers -> float32 ``[N, D]`` on the CPU; one clear error otherwise.

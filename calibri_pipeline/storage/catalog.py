@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import polars as pl
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,11 @@ TABLES: dict[str, Table] = {
                 Column("reward", "VARCHAR", "reward optimised", True),
                 Column("granularity", "VARCHAR", "`block` / `layer` / `gate`", True),
                 Column("n_models", "INTEGER", "ensemble size (2 = the CFG case)", True, "1"),
+                Column(
+                    "segments",
+                    "DOUBLE[]",
+                    "noise levels cutting the schedule into parts with their own coefficients (empty: one part)",
+                ),
                 Column("checkpoint", "VARCHAR", "checkpoint partition or path, when the run came from the sensor"),
                 Column("warm_start_from", "VARCHAR", "`run_id` whose coefficients seeded this run, or NULL"),
                 Column("status", "VARCHAR", "`running` / `finished` / `failed`", True),
@@ -522,6 +527,12 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 
 # -- the catalog ------------------------------------------------------------------------------
+#: version 3: a run's time segments as a column (they were only inside its `config` JSON)
+_SEGMENTS_COLUMN = (
+    "ALTER TABLE calibration_runs ADD COLUMN segments DOUBLE[]",
+    "UPDATE calibration_runs SET segments = "
+    "coalesce(CAST(json_extract(config, '$.preset.segments') AS DOUBLE[]), CAST([] AS DOUBLE[]))",
+)
 #: schema version -> statements that bring a catalog of that version to SCHEMA_VERSION (new tables
 #: come from their CREATE TABLE IF NOT EXISTS, which runs first)
 _UPGRADES: dict[str, tuple[str, ...]] = {
@@ -531,7 +542,9 @@ _UPGRADES: dict[str, tuple[str, ...]] = {
         "ALTER TABLE evaluations ADD COLUMN setting VARCHAR DEFAULT 'baseline'",
         "UPDATE evaluations SET setting = CASE WHEN calibrated THEN 'calibri' ELSE 'baseline' END",
         "ALTER TABLE evaluations ADD COLUMN guidance DOUBLE",
+        *_SEGMENTS_COLUMN,
     ),
+    "2": _SEGMENTS_COLUMN,
 }
 
 
