@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    from calibri_pipeline import stages
     from calibri_pipeline.method.analysis import Setting, evaluate_settings, table_markdown
     from calibri_pipeline.method.population import LocalEvaluator
     from calibri_pipeline.method.sampler import SamplingSettings
@@ -40,10 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from calibri_pipeline.storage.object_store import ObjectStore
 
     runs = {Path(r).name: json.loads((Path(r) / "result.json").read_text()) for r in args.runs}
-    presets = {
-        name: Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["preset"].items()})
-        for name, r in runs.items()
-    }
+    presets = {name: Preset.from_dict(r["preset"]) for name, r in runs.items()}
     first = next(iter(presets.values()))
     if len({(p.calibration_steps, p.n_val, p.n_train, p.n_test, p.reward) for p in presets.values()}) != 1:
         raise SystemExit("the runs differ in NFE, prompt sets or reward: they cannot share validation cells")
@@ -54,27 +52,16 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",")]
     reward = make_reward(first.reward)
     low = first.calibration_steps
-    settings = {"baseline": Setting(None, steps=low)}
-
-    def first_tuning(name: str) -> dict | None:
-        return next((r["tunings"][name] for r in runs.values() if r.get("tunings", {}).get(name)), None)
-
-    alternatives = {}
-    if (tuned := first_tuning("guidance-tuned")) is not None:
-        alternatives["guidance-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"])
-    if (tuned := first_tuning("shift-tuned")) is not None:
-        alternatives["shift-tuned"] = Setting(None, steps=low, guidance=tuned["guidance"], shift=tuned["shift"])
-    if (tuned := first_tuning("schedule-tuned")) is not None:
-        params = tuned["params"]
-        block = CalibrationSpace.from_transformer(backbone.transformer, "block")
-        alternatives["schedule-tuned"] = Setting(
-            tuned["vector"],
-            steps=low,
-            guidance=tuned["guidance"],
-            search=SearchSpace.for_model(block, 2, uses_cfg=True, segments=params["segments"]),
-            shift=params.get("shift"),
-        )
-    settings.update(alternatives)
+    # the alternatives the runs tuned (the first run holding each), as the evaluation builds them, at the runs' NFE
+    tunings: dict = {}
+    for r in runs.values():
+        for name, tuning in r.get("tunings", {}).items():
+            tunings.setdefault(name, tuning)
+    every, references = stages.comparison_settings(
+        first, calibri=None, tunings=tunings, slg_space=stages.block_search(backbone).space
+    )
+    alternatives = {ref: references[ref] for ref in references if ref.endswith("-tuned")}
+    settings = {label: every[label] for label in (references["baseline"], *alternatives.values())}
     for name, r in runs.items():
         preset = presets[name]
         space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
@@ -95,11 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
         model=args.model,
         progress=True,
     )
-    references = {name: name for name in alternatives}
-    result = evaluate_settings(evaluator, settings, val, seeds=seeds, reference="baseline", references=references)
+    result = evaluate_settings(
+        evaluator, settings, val, seeds=seeds, reference=references["baseline"], references=alternatives
+    )
     table = result.table.select("label", "shift", "mean", "ci_low", "ci_high", "delta", "delta_low", "delta_high")
     print(table_markdown(table))
-    vs_alternatives = [c for c in result.meta["comparisons"] if c["reference"] in alternatives]
+    vs_alternatives = [c for c in result.meta["comparisons"] if c["reference"] in alternatives.values()]
     for c in vs_alternatives:
         print(f"{c['setting']:<40} vs {c['reference']:<15} {c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
     out = {

@@ -70,30 +70,16 @@ def _unseen_test_prompts(split_seed: int, n: int, exclude: set[str]):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import polars as pl
 
-    from calibri_pipeline.method.analysis import (
-        block_ablation,
-        evaluate_settings,
-        plot_nfe,
-        plot_search_history,
-        scale_sweep,
-        table_markdown,
-    )
+    from calibri_pipeline import stages
+    from calibri_pipeline.method.analysis import plot_nfe, plot_search_history, table_markdown
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.method.population import LocalEvaluator
     from calibri_pipeline.method.sampler import SamplingSettings
-    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.method.state_store import LocalStateStore
     from calibri_pipeline.models import load_model
     from calibri_pipeline.presets import get_preset
     from calibri_pipeline.prompt_sets import build_prompt_set
-    from calibri_pipeline.recipes import (
-        calibration_arguments,
-        comparison_settings,
-        search_config,
-        start_arguments,
-        tune_alternatives,
-    )
-    from calibri_pipeline.report import evaluation_frames, headline_table, setting_means
+    from calibri_pipeline.report import headline_table, setting_means
     from calibri_pipeline.rewards.names import WORLD_REWARD_NAMES
     from calibri_pipeline.rewards.registry import make_reward
     from calibri_pipeline.storage.catalog import Catalog
@@ -116,16 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_rewards = [make_reward(n) for n in dict.fromkeys([reward_name, *preset.eval_rewards])]
     timings: dict[str, float] = {}
 
-    def evaluator(search, rewards, steps=None, guidance=None):
-        return LocalEvaluator(
-            backbone,
-            search,
-            rewards,
-            SamplingSettings(steps=steps, guidance=guidance, max_batch=preset.max_batch),
-            cache=cache,
-            model=args.model,
-            progress=not args.quiet,
-        )
+    def evaluator(rewards):  # the unmodified model's; each stage sets its own search space and NFE
+        sampling = SamplingSettings(max_batch=preset.max_batch)
+        return LocalEvaluator(backbone, None, rewards, sampling, cache=cache, model=args.model, progress=not args.quiet)
 
     def stage(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 1)
@@ -140,47 +119,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     low = preset.calibration_steps
 
     t0 = time.perf_counter()
-    block = SearchSpace.for_model(
-        CalibrationSpace.from_transformer(backbone.transformer, "block"), 1, uses_cfg=backbone.uses_cfg
-    )
-    sweep_ev = evaluator(block, [reward], steps=low)
-    analysis_prompts = by_split["val"][: preset.ablation_prompts]
-    sweep = scale_sweep(sweep_ev, analysis_prompts, alphas=preset.sweep_alphas, seeds=preset.ablation_seeds)
-    ablation = block_ablation(sweep_ev, analysis_prompts, seeds=preset.ablation_seeds)
+    val_prompts, val_seeds = by_split["val"], list(preset.val_seeds)
+    sweep = stages.scale_sweep(preset, evaluator([reward]), val_prompts)
+    ablation = stages.block_ablation(preset, evaluator([reward]), val_prompts)
     stage("sweep + ablation", t0)
 
     t0 = time.perf_counter()
-    val_prompts, val_seeds = by_split["val"], list(preset.val_seeds)
-    tuned = tune_alternatives(
-        preset, evaluator(None, [reward]), block.space, val_prompts, val_seeds, ablation=ablation.table
+    block_space = stages.block_search(backbone).space
+    tuned = stages.tune_alternatives(
+        preset, evaluator([reward]), block_space, val_prompts, val_seeds, ablation=ablation.table
     )
     tunings = {name: t.to_dict() for name, t in tuned.items()}
     stage("alternatives", t0)
 
     t0 = time.perf_counter()
-    space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
-    arguments = calibration_arguments(preset, backbone, space, sweep=sweep.table, **start_arguments(preset, tunings))
-    result = calibrate(
-        backbone,
-        space,
-        by_split["train"],
-        val_prompts,
-        reward,
-        config=search_config(preset, seed=args.seed),
-        val_seeds_per_prompt=val_seeds,
-        store=LocalStateStore(out / "state"),
-        run_name="cmaes",
-        cache=cache,
-        model=args.model,
-        on_generation=lambda r: print(
+    try:
+        plan = stages.calibration_plan(preset, backbone, sweep=sweep.table, tunings=tunings, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    def on_generation(r: dict) -> None:
+        print(
             f"[calibri calibrate] generation {r['generation']}: mean {r['train_mean']:.4f} best {r['train_best']:.4f}"
             + (f" val {r['val_score']:.4f}" if r.get("val_score") is not None else "")
             + f" ({r['seconds']:.0f} s)",
             file=sys.stderr,
             flush=True,
-        ),
-        **arguments,
-    )
+        )
+
+    where = dict(store=LocalStateStore(out / "state"), run_name="cmaes", cache=cache, model=args.model)
+    options = plan.options.with_(on_generation=on_generation, **where)
+    result = calibrate(backbone, plan.search, by_split["train"], val_prompts, reward, plan.sampling, options)
     stage("calibration", t0)
 
     if args.no_test:  # choosing between configurations: validation only, the test split stays untouched
@@ -190,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result.to_dict(),
                 noise=result.search.noise,
                 confirmation=result.search.confirmation,
-                initial_stds=arguments.get("initial_stds"),
+                initial_stds=plan.options.initial_stds,
             ),
             "tunings": tunings,
             "timings_s": timings,
@@ -207,24 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return summary
 
     t0 = time.perf_counter()
-    search = SearchSpace.for_model(space, preset.n_models, uses_cfg=backbone.uses_cfg, segments=preset.segments)
-    settings, references = comparison_settings(
-        preset,
-        calibri=(search, result.vector.tolist(), arguments["guidance"]),
-        tunings=tunings,
-        slg_space=block.space,
-        calibri_shift=arguments["shift"],
+    calibri = (plan.search, result.vector.tolist(), plan.sampling.guidance, plan.sampling.shift)
+    _, evaluated, evals, comparisons = stages.evaluation(
+        preset, evaluator(eval_rewards), calibri=calibri, tunings=tunings, test_prompts=test, seeds=test_seeds
     )
-    evaluated = evaluate_settings(
-        evaluator(None, eval_rewards),
-        settings,
-        test,
-        seeds=test_seeds,
-        reference=references["baseline"],
-        references=references,
-    )
-    carried = search.effective_guidance(result.vector)
-    evals, comparisons = evaluation_frames(evaluated, "calibri", carried[0] if carried else arguments["guidance"])
     stage("evaluation", t0)
 
     headline = headline_table(evals, comparisons, reward_name, low, preset.default_steps)
@@ -261,8 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result.to_dict(),
             noise=search_result.noise,
             confirmation=search_result.confirmation,
-            initial_stds=arguments.get("initial_stds"),
-            guidance=arguments["guidance"],
+            initial_stds=plan.options.initial_stds,
+            guidance=plan.sampling.guidance,
         ),
         "tunings": tunings,
         "evaluations": evals.to_dicts(),

@@ -136,6 +136,20 @@ class Preset:
         d["search"] = self.search.to_dict()
         return d
 
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> Preset:
+        """A preset from :meth:`to_dict` -- or from a record written before the search's fields moved into
+        ``search`` (flat, with ``generations``), as older ``result.json`` files hold it."""
+        flat = dict(record)
+        search = dict(flat.pop("search", None) or {})
+        if "generations" in flat:
+            search.setdefault("max_generations", flat.pop("generations"))
+        for name in [f.name for f in fields(SearchConfig)]:
+            if name in flat:
+                search.setdefault(name, flat.pop(name))
+        tuples = {k: tuple(v) for k, v in flat.items() if isinstance(v, list)}
+        return cls(**{**flat, **tuples, "search": SearchConfig.from_dict(search)})
+
 
 #: the preset's own fields a run may override (model and reward are the partitions)
 PRESET_OVERRIDES = tuple(f.name for f in fields(Preset) if f.name not in ("name", "model", "reward", "notes", "search"))

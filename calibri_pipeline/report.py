@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import polars as pl
 
-from calibri_pipeline.recipes import setting_label
+
+def setting_label(name: str, steps: int) -> str:
+    """How a sampled setting is named in evaluations and comparisons: ``calibri@4``, ``baseline@8``."""
+    return f"{name}@{steps}"
 
 
 def _fmt(mean: float | None, low: float | None, high: float | None) -> str:

@@ -234,9 +234,10 @@ def _malformed_jsonl(world: World) -> None:
 
 def _reward_with(value: float) -> Callable[[World], None]:
     def run(world: World) -> None:
-        from calibri_pipeline.method.calibrate import calibrate
+        from calibri_pipeline.method.calibrate import CalibrationOptions, calibrate
+        from calibri_pipeline.method.sampler import SamplingSettings
         from calibri_pipeline.method.search_config import SearchConfig
-        from calibri_pipeline.method.space import CalibrationSpace
+        from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt
 
@@ -253,14 +254,16 @@ def _reward_with(value: float) -> Callable[[World], None]:
         train = [Prompt(f"a red cube #{i}") for i in range(4)]
         calibrate(
             backbone,
-            space,
+            SearchSpace.for_model(space, 1, uses_cfg=backbone.uses_cfg),
             train,
             [Prompt("a blue ball")],
             Broken(),
-            steps=1,
-            config=SearchConfig(max_generations=2, bucket_size=4, popsize=3),
-            store=LocalStateStore(world.root / "state"),
-            run_name="broken",
+            SamplingSettings(steps=1),
+            CalibrationOptions(
+                config=SearchConfig(max_generations=2, bucket_size=4, popsize=3),
+                store=LocalStateStore(world.root / "state"),
+                run_name="broken",
+            ),
         )
 
     return run
@@ -351,9 +354,10 @@ def _sql_write_hidden_in_cte(world: World) -> None:
 
 def _warm_start(values: list[float]) -> Callable[[World], None]:
     def run(world: World) -> None:
-        from calibri_pipeline.method.calibrate import calibrate
+        from calibri_pipeline.method.calibrate import CalibrationOptions, calibrate
+        from calibri_pipeline.method.sampler import SamplingSettings
         from calibri_pipeline.method.search_config import SearchConfig
-        from calibri_pipeline.method.space import CalibrationSpace
+        from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
         from calibri_pipeline.method.state_store import LocalStateStore
         from calibri_pipeline.prompts.base import Prompt
         from calibri_pipeline.rewards.world import WorldQuality
@@ -362,14 +366,16 @@ def _warm_start(values: list[float]) -> Callable[[World], None]:
         space = CalibrationSpace.from_transformer(backbone.transformer, "block")
         calibrate(
             backbone,
-            space,
+            SearchSpace.for_model(space, 1, uses_cfg=backbone.uses_cfg),
             [Prompt(f"p{i}") for i in range(4)],
             [Prompt("v")],
             WorldQuality(),
-            steps=1,
-            warm_start=values,
-            config=SearchConfig(max_generations=1, bucket_size=4, popsize=3),
-            store=LocalStateStore(world.root / "state"),
+            SamplingSettings(steps=1),
+            CalibrationOptions(
+                warm_start=values,
+                config=SearchConfig(max_generations=1, bucket_size=4, popsize=3),
+                store=LocalStateStore(world.root / "state"),
+            ),
         )
 
     return run
@@ -515,7 +521,7 @@ CASES: list[Case] = [
     ),
     Case(
         "nan-reward",
-        "a reward returning NaN during `calibrate(store=...)`",
+        "a reward returning NaN during `calibrate(..., CalibrationOptions(store=...))`",
         _reward_with(math.nan),
         RewardError,
         r"reward 'broken' returned non-finite scores at images \[1\]",
@@ -523,7 +529,7 @@ CASES: list[Case] = [
     ),
     Case(
         "inf-reward",
-        "a reward returning +inf during `calibrate(store=...)`",
+        "a reward returning +inf during `calibrate(..., CalibrationOptions(store=...))`",
         _reward_with(math.inf),
         RewardError,
         r"reward 'broken' returned non-finite scores at images \[1\]",
@@ -635,7 +641,7 @@ CASES: list[Case] = [
     ),
     Case(
         "warm-start-wrong-length",
-        "`calibrate(warm_start=[1, 1, 1, 1])` for a 2-block model",
+        "`calibrate(..., CalibrationOptions(warm_start=[1, 1, 1, 1]))` for a 2-block model",
         _warm_start([1.0] * 4),
         ValueError,
         r"warm_start must have 3 entries .* or 2 \(one model's coefficients\), got 4",
@@ -643,7 +649,7 @@ CASES: list[Case] = [
     ),
     Case(
         "warm-start-nan",
-        "`calibrate(warm_start=[nan, 1])`",
+        "`calibrate(..., CalibrationOptions(warm_start=[nan, 1]))`",
         _warm_start([math.nan, 1.0]),
         ValueError,
         r"x0 contains NaN or infinite values",

@@ -6,8 +6,8 @@ import pytest
 
 from calibri_pipeline.assets.common import CalibriConfig, resolve_preset
 from calibri_pipeline.method.search_config import SearchConfig
-from calibri_pipeline.presets import PRESET_OVERRIDES, SEARCH_OVERRIDES, get_preset
-from calibri_pipeline.recipes import search_config
+from calibri_pipeline.presets import PRESET_OVERRIDES, SEARCH_OVERRIDES, Preset, get_preset
+from calibri_pipeline.stages import search_config
 
 PIPELINE_ONLY = {"preset", "llm_rewrite", "warm_start_from"}
 
@@ -44,3 +44,13 @@ def test_an_old_or_misspelt_field_is_refused_with_the_right_name():
         get_preset("embedded-default").with_overrides(generations=3)
     with pytest.raises(ValueError, match="SearchConfig.bucket_size must be a positive int"):
         get_preset("embedded-default").with_overrides(bucket_size=0)
+
+
+def test_a_preset_round_trips_and_an_older_flat_record_still_reads():
+    preset = get_preset("embedded-default")
+    assert Preset.from_dict(preset.to_dict()) == preset
+    flat = {k: v for k, v in preset.to_dict().items() if k != "search"}  # how result.json held it before
+    flat.update(generations=12, bucket_size=16, val_every=3, patience=None, sigma0=None, probe_buckets=2)
+    flat.update(target_gain=0.03, max_val_seeds=3, max_bucket_seeds=1, confirm_top=2, separable=False, popsize=None)
+    old = Preset.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
+    assert old == preset.with_overrides(max_generations=12)

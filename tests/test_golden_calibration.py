@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from calibri_pipeline.method.calibrate import calibrate
+from calibri_pipeline.method.calibrate import CalibrationOptions, calibrate
+from calibri_pipeline.method.sampler import SamplingSettings
 from calibri_pipeline.method.search_config import SearchConfig
-from calibri_pipeline.method.space import CalibrationSpace
+from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
 
 GOLDEN = Path(__file__).parent / "data" / "golden_calibration.json"
 
@@ -52,21 +53,10 @@ def run_golden(backbone) -> dict:
         max_val_seeds=2,
         confirm_top=2,
     )
-    result = calibrate(
-        backbone,
-        space,
-        train,
-        val,
-        ColourMatch(),
-        steps=2,
-        guidance=2.5,
-        shift=2.0,
-        n_models=2,
-        config=config,
-        guidance_coordinates=True,
-        segments=(0.7,),
-        max_batch=64,
-    )
+    search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.7,))
+    sampling = SamplingSettings(steps=2, guidance=2.5, shift=2.0, max_batch=64)
+    options = CalibrationOptions(config=config, guidance_coordinates=True)
+    result = calibrate(backbone, search, train, val, ColourMatch(), sampling, options)
     search = result.search
     return {
         "vector": search.vector.tolist(),

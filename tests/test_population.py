@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from calibri_pipeline.method.calibrate import RewardObjective, calibrate
+from calibri_pipeline.method.calibrate import CalibrationOptions, RewardObjective, calibrate
 from calibri_pipeline.method.ensemble import EnsembleLayout
 from calibri_pipeline.method.population import (
     LocalEvaluator,
@@ -224,16 +224,12 @@ def test_calibrate_cfg_ensemble_end_to_end(backbone):
     cfg = SearchConfig(max_generations=4, bucket_size=4, popsize=6, val_every=2, seed=1)
     result = calibrate(
         backbone,
-        space,
+        SearchSpace.for_model(space, 2, uses_cfg=True),
         train,
         val,
         ColourMatch(),
-        steps=2,
-        guidance=2.5,
-        n_models=2,
-        config=cfg,
-        on_generation=seen.append,
-        max_batch=64,
+        SamplingSettings(steps=2, guidance=2.5, max_batch=64),
+        CalibrationOptions(config=cfg, on_generation=seen.append),
     )
     layout = EnsembleLayout(space.size, 2, cfg=True)
     assert layout.search_size == space.search_size(2) == result.vector.size
@@ -260,8 +256,10 @@ def test_calibrate_warm_start_and_resume_after_a_crash(backbone):
     train, val = make_prompts(8, "train"), make_prompts(3, "val", 300)
     cfg = SearchConfig(max_generations=5, bucket_size=4, popsize=4, val_every=2, seed=2, patience=None)
     warm = np.array([1.1, 0.9, 1.0, 1.2])
-    kw = dict(steps=2, guidance=2.5, config=cfg, warm_start=warm, max_batch=64)
-    reference = calibrate(backbone, space, train, val, ColourMatch(), **kw)
+    search = SearchSpace.for_model(space, 1, uses_cfg=True)
+    sampling = SamplingSettings(steps=2, guidance=2.5, max_batch=64)
+    options = CalibrationOptions(config=cfg, warm_start=warm)
+    reference = calibrate(backbone, search, train, val, ColourMatch(), sampling, options)
     np.testing.assert_array_equal(reference.search.x0, np.r_[warm, 1.0])
 
     class Crash(RuntimeError):
@@ -273,13 +271,14 @@ def test_calibrate_warm_start_and_resume_after_a_crash(backbone):
 
     store = MemoryStateStore()
     with pytest.raises(Crash):
-        calibrate(backbone, space, train, val, ColourMatch(), store=store, on_generation=crash_at_three, **kw)
-    resumed = calibrate(backbone, space, train, val, ColourMatch(), store=store, **kw)
+        crashing = options.with_(store=store, on_generation=crash_at_three)
+        calibrate(backbone, search, train, val, ColourMatch(), sampling, crashing)
+    resumed = calibrate(backbone, search, train, val, ColourMatch(), sampling, options.with_(store=store))
     assert resumed.search.replayed_generations == 3
     np.testing.assert_array_equal(resumed.vector, reference.vector)
     assert resumed.search.validations == reference.search.validations
     with pytest.raises(ValueError, match="warm_start must have 5 entries"):
-        calibrate(backbone, space, train, val, ColourMatch(), steps=2, guidance=2.5, config=cfg, warm_start=[1.0, 1.0])
+        calibrate(backbone, search, train, val, ColourMatch(), sampling, options.with_(warm_start=[1.0, 1.0]))
 
 
 def test_the_schedule_shift_is_a_sampling_setting_with_its_own_images(backbone):

@@ -25,12 +25,13 @@ import torch
 
 pytest.importorskip("ray")
 
-from calibri_pipeline.method.calibrate import calibrate  # noqa: E402
+from calibri_pipeline.method.calibrate import CalibrationOptions, calibrate  # noqa: E402
 from calibri_pipeline.method.ensemble import EnsembleLayout  # noqa: E402
 from calibri_pipeline.method.population import evaluate_population  # noqa: E402
 from calibri_pipeline.method.ray_eval import RayWorkerPool, connect_ray  # noqa: E402
+from calibri_pipeline.method.sampler import SamplingSettings  # noqa: E402
 from calibri_pipeline.method.search_config import SearchConfig  # noqa: E402
-from calibri_pipeline.method.space import CalibrationSpace  # noqa: E402
+from calibri_pipeline.method.space import CalibrationSpace, SearchSpace  # noqa: E402
 from calibri_pipeline.prompts.base import Prompt  # noqa: E402
 from calibri_pipeline.rewards.base import RewardError  # noqa: E402
 
@@ -264,8 +265,8 @@ def test_calibration_continues_after_a_worker_dies(evaluator, backbone):
     space = CalibrationSpace.from_transformer(backbone.transformer, "block")
     train, val = make_prompts(8, "train", 100), make_prompts(3, "val", 200)
     cfg = SearchConfig(max_generations=4, bucket_size=4, popsize=4, val_every=2, seed=3, patience=None)
-    kw = dict(steps=2, guidance=GUIDANCE, config=cfg)
-    reference = calibrate(backbone, space, train, val, ColourMatch(), **kw)
+    search, sampling = SearchSpace.for_model(space, 1, uses_cfg=True), SamplingSettings(steps=2, guidance=GUIDANCE)
+    reference = calibrate(backbone, search, train, val, ColourMatch(), sampling, CalibrationOptions(config=cfg))
 
     respawned_before = evaluator.stats.respawned_workers
 
@@ -273,7 +274,8 @@ def test_calibration_continues_after_a_worker_dies(evaluator, backbone):
         if row["generation"] == 1:
             ray.kill(evaluator.workers[0], no_restart=True)
 
-    result = calibrate(backbone, space, train, val, ColourMatch(), pool=evaluator, on_generation=kill_a_worker, **kw)
+    options = CalibrationOptions(config=cfg, pool=evaluator, on_generation=kill_a_worker)
+    result = calibrate(backbone, search, train, val, ColourMatch(), sampling, options)
     assert evaluator.stats.respawned_workers == respawned_before + 1
     assert result.search.n_generations == reference.search.n_generations == 4
     # same rankings -> CMA-ES proposes the same candidates; fitness equal up to float rounding

@@ -131,7 +131,7 @@ def test_slg_through_the_sampler_equals_its_definition():
 
 def test_a_preset_becomes_the_core_arguments():
     from calibri_pipeline.presets import get_preset
-    from calibri_pipeline.recipes import calibration_arguments, comparison_settings, search_config
+    from calibri_pipeline.stages import calibration_arguments, comparison_settings, search_config
 
     class Toy:  # what calibration_arguments reads of a backbone
         uses_cfg = True

@@ -70,8 +70,9 @@ def test_each_step_uses_the_part_of_the_schedule_its_noise_level_is_in(backbone)
 
 
 def test_calibrate_and_export_a_schedule(backbone, tmp_path):
-    from calibri_pipeline.method.calibrate import calibrate
+    from calibri_pipeline.method.calibrate import CalibrationOptions, calibrate
     from calibri_pipeline.method.export import export_calibrated
+    from calibri_pipeline.method.sampler import SamplingSettings
     from calibri_pipeline.method.search_config import SearchConfig
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.storage.object_store import ObjectStore
@@ -79,19 +80,10 @@ def test_calibrate_and_export_a_schedule(backbone, tmp_path):
     space = _space(backbone)
     train = [Prompt(f"a shape #{i}") for i in range(8)]
     val = [Prompt(f"a val shape #{i}") for i in range(3)]
-    result = calibrate(
-        backbone,
-        space,
-        train,
-        val,
-        MeanPixel(),
-        steps=2,
-        n_models=2,
-        guidance_coordinates=True,
-        segments=(0.6,),
-        config=SearchConfig(max_generations=2, bucket_size=4, popsize=4, val_every=1),
-    )
     search = SearchSpace.for_model(space, 2, uses_cfg=True, segments=(0.6,))
+    config = SearchConfig(max_generations=2, bucket_size=4, popsize=4, val_every=1)
+    options = CalibrationOptions(config=config, guidance_coordinates=True)
+    result = calibrate(backbone, search, train, val, MeanPixel(), SamplingSettings(steps=2), options)
     assert result.vector.size == search.dimension and result.segments == (0.6,)
     assert result.coefficients.shape == (2, 2, space.size) and result.weights.shape == (2, 2)
     np.testing.assert_array_equal(result.search.x0[-2:], [2.5, 1.0])  # guidance x scale, in the last part too

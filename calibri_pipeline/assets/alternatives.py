@@ -67,7 +67,7 @@ def alternatives(
     validation cells."""
     import polars as pl
 
-    from calibri_pipeline.recipes import tune_alternatives
+    from calibri_pipeline.stages import tune_alternatives
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset = stage.preset

@@ -11,14 +11,10 @@ from calibri_pipeline.assets.prompts import prompt_embeddings
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 
-def _block_stage(context, config, catalog, object_store, compute):
-    """The stage, an evaluator over one model's block coefficients at the calibration NFE, and the cells' prompts."""
+def _analysis_inputs(context, config, catalog, object_store, compute):
+    """The stage, the unmodified model's evaluator (the analysis stage sets blocks and NFE) and the validation prompts."""
     stage = Stage(context, config, catalog, object_store, compute)
-    evaluator = stage.evaluator(
-        stage.search("block"), stage.rewards([stage.reward]), steps=stage.preset.calibration_steps
-    )
-    prompts = stage.prompts("val")[: stage.preset.ablation_prompts]
-    return stage, evaluator, prompts
+    return stage, stage.evaluator(None, stage.rewards([stage.reward])), stage.prompts("val")
 
 
 @dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
@@ -32,10 +28,10 @@ def scale_sweep(
     """Each block's output scaled by every alpha of a grid (Fig. 3b heatmap); also what scales the search."""
     import polars as pl
 
-    from calibri_pipeline.method.analysis import scale_sweep as run_sweep
+    from calibri_pipeline import stages
 
-    stage, evaluator, prompts = _block_stage(context, config, catalog, object_store, compute)
-    result = run_sweep(evaluator, prompts, alphas=stage.preset.sweep_alphas, seeds=stage.preset.ablation_seeds)
+    stage, evaluator, prompts = _analysis_inputs(context, config, catalog, object_store, compute)
+    result = stages.scale_sweep(stage.preset, evaluator, prompts)
     df = result.table.select(
         pl.lit(stage.model).alias("model"),
         pl.lit(stage.reward).alias("reward"),
@@ -71,10 +67,10 @@ def block_ablation(
     """Each block bypassed in turn: reward change vs the unmodified model, bootstrap CIs (Fig. 3a)."""
     import polars as pl
 
-    from calibri_pipeline.method.analysis import block_ablation as run_ablation
+    from calibri_pipeline import stages
 
-    stage, evaluator, prompts = _block_stage(context, config, catalog, object_store, compute)
-    result = run_ablation(evaluator, prompts, seeds=stage.preset.ablation_seeds)
+    stage, evaluator, prompts = _analysis_inputs(context, config, catalog, object_store, compute)
+    result = stages.block_ablation(stage.preset, evaluator, prompts)
     df = result.table.select(
         pl.lit(stage.model).alias("model"),
         pl.lit(stage.reward).alias("reward"),

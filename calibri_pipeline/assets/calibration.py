@@ -76,7 +76,7 @@ def calibration(
     from calibri_pipeline.method.analysis import plot_search_history
     from calibri_pipeline.method.calibrate import calibrate
     from calibri_pipeline.models import ModelFactory
-    from calibri_pipeline.recipes import calibration_arguments, search_config, start_arguments, start_tuning
+    from calibri_pipeline.stages import calibration_plan, start_tuning
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset, store, cat = stage.preset, stage.store, stage.catalog
@@ -92,17 +92,10 @@ def calibration(
     tunings = load_tunings(stage)
     tuned = tunings.get(start_tuning(preset) or "guidance-tuned")
     try:
-        arguments = calibration_arguments(
-            preset,
-            stage.backbone,
-            space,
-            sweep=sweep,
-            warm_start=warm,
-            **start_arguments(preset, tunings),
-        )
+        plan = calibration_plan(preset, stage.backbone, sweep=sweep, tunings=tunings, warm_start=warm)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
-    cfg = search_config(preset)
+    cfg = plan.options.config
     # the run's own folder: its id without the partition, e.g. `block-n2` or `block-n2-s0.9`
     state_prefix = f"calibration-state/{stage.model}/{stage.reward}/" + "-".join(run_id.split("|")[2:])
     base_row = dict(
@@ -116,15 +109,7 @@ def calibration(
         warm_start_from=warm_from
         or (f"{tuned['name']} ({tuned['label']})" if start_tuning(preset) and tuned else None),
         names=list(space.names),
-        config=json.dumps(
-            {
-                "preset": preset.to_dict(),
-                "search": cfg.to_dict(),
-                "guidance": arguments["guidance"],
-                "shift": arguments["shift"],
-                "initial_stds": arguments.get("initial_stds"),
-            }
-        ),
+        config=json.dumps({"preset": preset.to_dict(), **plan.record()}),
         state_uri=store.uri(state_prefix),
         started_at=_now(),
     )
@@ -143,21 +128,10 @@ def calibration(
     try:
         # with a Ray address, images are made on Ray actors holding their own replicas
         with ray.worker_pool(ModelFactory(stage.model, store.url, compute.device, compute.dtype)) as pool:
+            where = dict(store=store.state_store(state_prefix), run_name="cmaes", on_generation=on_generation)
+            options = plan.options.with_(pool=pool, cache=stage.image_cache, model=stage.model, **where)
             result = calibrate(
-                stage.backbone,
-                space,
-                train,
-                val,
-                stage.rewards([stage.reward]),
-                config=cfg,
-                val_seeds_per_prompt=list(preset.val_seeds),
-                store=store.state_store(state_prefix),
-                run_name="cmaes",
-                on_generation=on_generation,
-                pool=pool,
-                cache=stage.image_cache,
-                model=stage.model,
-                **arguments,
+                stage.backbone, plan.search, train, val, stage.rewards([stage.reward]), plan.sampling, options
             )
     except BaseException:
         cat.replace(

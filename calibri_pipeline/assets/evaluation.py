@@ -21,7 +21,7 @@ from calibri_pipeline.assets.common import (
     png_markdown,
     table_md,
 )
-from calibri_pipeline.report import SETTING_TAGS, evaluation_frames
+from calibri_pipeline.report import SETTING_TAGS
 from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 
@@ -46,32 +46,26 @@ def evaluation(
     import polars as pl
     import torch
 
-    from calibri_pipeline.method.analysis import evaluate_settings, plot_nfe
-    from calibri_pipeline.recipes import comparison_settings
+    from calibri_pipeline import stages
+    from calibri_pipeline.method.analysis import plot_nfe
     from calibri_pipeline.report import headline_table
 
     stage = Stage(context, config, catalog, object_store, compute)
     preset, cat = stage.preset, stage.catalog
     run = load_calibration(stage)
-    search = calibration_search(stage, run)
     run_config = json.loads(run["config"])
-    run_guidance = run_config.get("guidance")
-    tunings = load_tunings(stage)
-    settings, references = comparison_settings(
-        preset,
-        calibri=(search, list(run["vector"]), run_guidance),
-        tunings=tunings,
-        slg_space=stage.space("block"),
-        calibri_shift=run_config.get("shift"),
-    )
+    calibri = (calibration_search(stage, run), list(run["vector"]), run_config.get("guidance"), run_config.get("shift"))
     test = stage.prompts("test")
-    rewards = stage.rewards(stage.eval_reward_names)  # loaded once for every setting
-    evaluator = stage.evaluator(None, rewards)
-    result = evaluate_settings(
-        evaluator, settings, test, seeds=preset.seeds, reference=references["baseline"], references=references
+    evaluator = stage.evaluator(None, stage.rewards(stage.eval_reward_names))  # every reward, loaded once
+    settings, result, evals, comparisons = stages.evaluation(
+        preset,
+        evaluator,
+        calibri=calibri,
+        tunings=load_tunings(stage),
+        test_prompts=test,
+        seeds=preset.seeds,
+        calibri_tag=run["run_id"],
     )
-    carried = search.effective_guidance(run["vector"])
-    evals, comparisons = evaluation_frames(result, run["run_id"], carried[0] if carried else run_guidance)
     evals = evals.with_columns(pl.lit(stage.model).alias("model"), pl.lit(f"{stage.run_key}:test").alias("prompt_set"))
     cat.replace("evaluations", evals, {"run_key": stage.run_key})
     comparisons = comparisons.with_columns(pl.lit(stage.model).alias("model"))

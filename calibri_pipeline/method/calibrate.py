@@ -9,7 +9,7 @@ that says what the selected vector means for the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +28,6 @@ from calibri_pipeline.method.state_store import StateStore
 if TYPE_CHECKING:
     from calibri_pipeline.method.ray_eval import RayWorkerPool
     from calibri_pipeline.method.sampler import Backbone
-    from calibri_pipeline.method.space import CalibrationSpace
     from calibri_pipeline.prompts.base import Prompt
     from calibri_pipeline.rewards.base import Reward
 
@@ -268,61 +267,51 @@ class CalibrationResult:
         }
 
 
-def calibrate(
-    backbone: Backbone,
-    space: CalibrationSpace,
-    train_prompts: Sequence[Prompt],
-    val_prompts: Sequence[Prompt],
-    rewards: Reward | Sequence[Reward],
-    *,
-    reward_weights: Mapping[str, float] | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    shift: float | None = None,
-    n_models: int = 1,
-    warm_start: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-    config: SearchConfig | None = None,
-    val_seeds: Sequence[int] | None = None,
-    val_seeds_per_prompt: Sequence[int] | None = None,
-    store: StateStore | None = None,
-    run_name: str = "calibration",
-    resume: bool = True,
-    on_generation: GenerationCallback | None = None,
-    max_batch: int | None = None,
-    memory_budget_mb: float | None = None,
-    pool: RayWorkerPool | None = None,
-    cache: ImageCache | None = None,
-    model: str | None = None,
-    initial_stds: Sequence[float] | None = None,
-    guidance_coordinates: bool = False,
-    segments: Sequence[float] = (),
-    progress: bool = False,
-) -> CalibrationResult:
-    """Calibrate ``backbone`` with CMA-ES and return the best coefficients by validation.
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How :func:`calibrate` searches and where it keeps what it finds (every field optional).
 
-    ``rewards`` are all scored and recorded; the fitness is ``sum(weight * reward)`` over
-    ``reward_weights`` (default: weight 1 for a single reward; rewards with
-    ``higher_is_better=False`` count negatively). ``warm_start`` is a full search vector
-    (``space.search_size(n_models)``) or one model's ``space.size`` coefficients (then the ensemble
-    part starts from the layout's x0). ``steps``/``guidance``/``shift`` (the flow schedule's sigma
-    shift, e.g. a tuned one to calibrate on top of) default to the backbone's. Validation
-    cells: ``val_seeds`` (one per cell) or ``val_seeds_per_prompt`` (every validation prompt with each
-    seed; the noise probe extends them with the next integers), else seeds drawn from the search seed.
-    ``pool`` makes the images on Ray workers (default: in-process); ``cache`` keeps validation
-    images for later assets. ``initial_stds`` are per-coordinate initial deviations in the search's
-    coordinates (see :mod:`calibri_pipeline.method.scaling`); ``guidance_coordinates`` searches the
-    CFG ensemble's weight pair as guidance x scale (:class:`GuidanceCoordinates`); the result is in
-    the paper's layout either way. ``segments`` (noise levels) give each part of the schedule its own
-    coefficients and weights (see :class:`SearchSpace`); a warm start of one part's length starts
-    every part from it.
+    - ``config``: the CMA-ES hyper-parameters; ``initial_stds``: per-coordinate initial deviations in
+      the search's coordinates (:mod:`calibri_pipeline.method.scaling`); ``guidance_coordinates``:
+      search the CFG ensemble's weight pair as guidance x scale (:class:`GuidanceCoordinates`; the
+      result is in the paper's layout either way).
+    - ``warm_start``: a full search vector, one part of the schedule's (then every part starts from
+      it), or one model's coefficients (then the ensemble part starts from the layout's x0).
+    - ``reward_weights``: the fitness is ``sum(weight * reward)`` (default: weight 1 for a single
+      reward; rewards with ``higher_is_better=False`` count negatively).
+    - validation cells: ``val_seeds`` (one per cell) or ``val_seeds_per_prompt`` (every validation
+      prompt with each seed; the noise probe extends them with the next integers), else seeds drawn
+      from the search seed.
+    - ``store`` / ``run_name`` / ``resume``: where the run's journal is kept and whether it is resumed;
+      ``on_generation`` hears every generation's row; ``pool`` makes the images on Ray workers
+      (default: in-process); ``cache`` keeps validation images for later stages (under ``model``'s
+      identity); ``progress`` shows bars.
     """
-    config = config if config is not None else SearchConfig()
-    search = SearchSpace.for_model(space, n_models, uses_cfg=bool(backbone.uses_cfg), segments=segments)
-    layout = search.layout
-    sampling = SamplingSettings(
-        steps=steps, guidance=guidance, max_batch=max_batch, memory_budget_mb=memory_budget_mb, shift=shift
-    ).resolved(backbone)
-    x0 = search.x0(sampling.guidance).numpy().astype(np.float64)
+
+    config: SearchConfig = SearchConfig()
+    warm_start: Sequence[float] | np.ndarray | torch.Tensor | None = None
+    initial_stds: Sequence[float] | None = None
+    guidance_coordinates: bool = False
+    reward_weights: Mapping[str, float] | None = None
+    val_seeds: Sequence[int] | None = None
+    val_seeds_per_prompt: Sequence[int] | None = None
+    store: StateStore | None = None
+    run_name: str = "calibration"
+    resume: bool = True
+    on_generation: GenerationCallback | None = None
+    pool: RayWorkerPool | None = None
+    cache: ImageCache | None = None
+    model: str | None = None
+    progress: bool = False
+
+    def with_(self, **changes: Any) -> CalibrationOptions:
+        return replace(self, **changes)
+
+
+def _start(search: SearchSpace, guidance: float | None, warm_start: Any) -> np.ndarray:
+    """x0 of the search: the unmodified model, or the warm start in one of the lengths it may have."""
+    layout, space = search.layout, search.space
+    x0 = search.x0(guidance).numpy().astype(np.float64)
     if warm_start is not None:
         warm = np.asarray(
             warm_start.detach().cpu().numpy() if isinstance(warm_start, torch.Tensor) else warm_start, dtype=np.float64
@@ -333,40 +322,75 @@ def calibrate(
         elif warm.size == layout.search_size:
             x0 = np.tile(warm, search.n_segments)
         elif warm.size == space.size:
-            one[: n_models * space.size] = np.tile(warm, n_models)
+            one[: search.n_models * space.size] = np.tile(warm, search.n_models)
             x0 = np.tile(one, search.n_segments)
         else:
             sizes = f"{search.dimension}, {layout.search_size}" if search.n_segments > 1 else f"{layout.search_size}"
             raise ValueError(
-                f"warm_start must have {sizes} entries (a full search vector for n_models={n_models}) "
+                f"warm_start must have {sizes} entries (a full search vector for n_models={search.n_models}) "
                 f"or {space.size} (one model's coefficients), got {warm.size}"
             )
     if not np.all(np.isfinite(x0)):
         raise ValueError("x0 contains NaN or infinite values")
+    return x0
+
+
+def calibrate(
+    backbone: Backbone,
+    search: SearchSpace,
+    train_prompts: Sequence[Prompt],
+    val_prompts: Sequence[Prompt],
+    rewards: Reward | Sequence[Reward],
+    sampling: SamplingSettings | None = None,
+    options: CalibrationOptions | None = None,
+) -> CalibrationResult:
+    """Calibrate ``backbone`` with CMA-ES over ``search`` and return the best coefficients by validation.
+
+    ``search`` says what a vector means (``SearchSpace.for_model(space, n_models, uses_cfg=...,
+    segments=...)``: granularity, ensemble, time segments); ``sampling`` how the images are made
+    (steps, guidance, the flow schedule's shift, e.g. a tuned one to calibrate on top of; None: the
+    backbone's defaults); ``options`` how the search runs and where it keeps things
+    (:class:`CalibrationOptions`). Every reward is scored and recorded.
+    """
+    options = options if options is not None else CalibrationOptions()
+    if not isinstance(search, SearchSpace):
+        raise TypeError(
+            f"search must be a SearchSpace (SearchSpace.for_model(space, ...)), got {type(search).__name__}"
+        )
+    if search.layout.cfg != bool(backbone.uses_cfg):
+        raise ValueError(
+            f"the search space was laid out {'with' if search.layout.cfg else 'without'} classifier-free guidance, "
+            f"but {backbone.name} {'uses' if backbone.uses_cfg else 'does not use'} it: build it with "
+            "SearchSpace.for_model(space, n_models, uses_cfg=backbone.uses_cfg)"
+        )
+    config = options.config
+    layout, space = search.layout, search.space
+    sampling = (sampling if sampling is not None else SamplingSettings()).resolved(backbone)
+    x0 = _start(search, sampling.guidance, options.warm_start)
     lower, upper = layout.bounds(config.coefficient_bounds, config.weight_bounds)
     lower, upper = lower * search.n_segments, upper * search.n_segments
     names = search.names()
     decode = None
-    if guidance_coordinates:
+    if options.guidance_coordinates:
         coords = GuidanceCoordinates(layout, search.n_segments)
         x0 = np.array(coords.encode(x0))
         lower, upper = coords.bounds(lower, upper)
         names = coords.names(space.names)
         decode = coords.decode
-    options = dict(cache=cache, model=model, progress=progress)
+    kept = dict(cache=options.cache, model=options.model, progress=options.progress)
     evaluator = (
-        LocalEvaluator(backbone, search, rewards, sampling, **options)
-        if pool is None
-        else pool.evaluator(backbone, search, rewards, sampling, **options)
+        LocalEvaluator(backbone, search, rewards, sampling, **kept)
+        if options.pool is None
+        else options.pool.evaluator(backbone, search, rewards, sampling, **kept)
     )
     objective = RewardObjective(
         evaluator,
         train_prompts,
         val_prompts,
-        reward_weights=reward_weights,
-        val_seeds=val_seeds,
+        reward_weights=options.reward_weights,
+        val_seeds=options.val_seeds,
         seed=config.seed,
-        per_prompt_seeds=val_seeds_per_prompt,
+        per_prompt_seeds=options.val_seeds_per_prompt,
     )
     run = CalibrationRun(
         objective,
@@ -374,22 +398,17 @@ def calibrate(
         lower,
         upper,
         config,
-        store=store,
-        run_name=run_name,
-        on_generation=on_generation,
-        resume=resume,
+        store=options.store,
+        run_name=options.run_name,
+        on_generation=options.on_generation,
+        resume=options.resume,
         names=names,
-        initial_stds=initial_stds,
+        initial_stds=options.initial_stds,
         decode=(lambda z: np.array(decode(z))) if decode is not None else None,
     )
-    result = run.run()
     return CalibrationResult(
-        search=result,
-        space=search,
-        steps=sampling.steps,
-        guidance=sampling.guidance,
-        shift=float(sampling.shift),
+        search=run.run(), space=search, steps=sampling.steps, guidance=sampling.guidance, shift=float(sampling.shift)
     )
 
 
-__all__ = ["CalibrationResult", "RewardObjective", "calibrate"]
+__all__ = ["CalibrationOptions", "CalibrationResult", "RewardObjective", "calibrate"]

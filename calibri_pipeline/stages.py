@@ -1,24 +1,32 @@
-"""From a preset to the core's arguments: what the Dagster assets and ``calibri calibrate`` share.
+"""The pipeline's stages, framework-free: what the Dagster assets and ``calibri calibrate`` both call.
 
-A :class:`~calibri_pipeline.presets.Preset` names choices (``scaling="sweep"``, ``weights="guidance"``,
-``start="guidance-tuned"`` ...); these functions turn them, with what earlier stages measured (the
-scale sweep, the tuned guidance), into the search configuration and the keyword arguments of
-:func:`calibri_pipeline.method.calibrate.calibrate`. Framework-free: no Dagster, no storage.
+Analyse (the scale sweep and the block ablation), tune the alternatives, plan and run the
+calibration, evaluate on the test prompts and compare. Each stage takes a
+:class:`~calibri_pipeline.presets.Preset` (the choices), what earlier stages measured (the sweep, the
+tuned alternatives), an evaluator of the unmodified model (which sets its own search space and
+sampling) and prompts; it returns the core's results. Where they are written -- the catalog and
+the object store, or a folder of JSON -- is the caller's business: an asset reads its inputs, calls
+its stage and writes the catalog. No Dagster, no storage here.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+
+from calibri_pipeline.report import setting_label
 
 if TYPE_CHECKING:
     import polars as pl
 
     from calibri_pipeline.method.alternatives import Tuned
+    from calibri_pipeline.method.analysis import AnalysisResult
+    from calibri_pipeline.method.calibrate import CalibrationOptions
     from calibri_pipeline.method.population import PopulationEvaluator
-    from calibri_pipeline.method.sampler import Backbone
+    from calibri_pipeline.method.sampler import Backbone, SamplingSettings
     from calibri_pipeline.method.search_config import SearchConfig
-    from calibri_pipeline.method.space import CalibrationSpace
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
     from calibri_pipeline.presets import Preset
     from calibri_pipeline.prompts.base import Prompt
 
@@ -41,7 +49,8 @@ def calibration_arguments(
     tuned_schedule: Sequence[float] | None = None,
     warm_start: Any = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``calibrate`` for the preset (besides prompts, rewards and storage).
+    """The pieces of a preset's calibration (:func:`calibration_plan` assembles them): its ``search``, sampling
+    (``steps``, ``guidance``, ``shift``, ``max_batch``), ``warm_start``, ``initial_stds``, ``guidance_coordinates``.
 
     ``sweep``: the scale-sweep table (``scaling="sweep"``); ``tuned_guidance``: the tuned alternative's
     guidance scale (``start="guidance-tuned"``: the guidance-tuned baseline's; ``start="shift-tuned"``:
@@ -62,11 +71,10 @@ def calibration_arguments(
             f"classifier-free guidance), got mode {search.layout.mode!r}"
         )
     args: dict[str, Any] = {
+        "search": search,
         "steps": preset.calibration_steps,
-        "n_models": preset.n_models,
         "guidance_coordinates": guidance_coordinates,
         "max_batch": preset.max_batch,
-        "segments": tuple(preset.segments),
         "shift": None,
     }
     tuned_start = preset.start in ("guidance-tuned", "shift-tuned", "schedule-tuned")
@@ -134,11 +142,150 @@ def start_arguments(preset: Preset, tunings: dict[str, dict[str, Any]]) -> dict[
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+
+
+def block_search(backbone: Backbone) -> SearchSpace:
+    """One model's block coefficients: the space the analyses scale and bypass."""
+    from calibri_pipeline.method.space import CalibrationSpace, SearchSpace
+
+    space = CalibrationSpace.from_transformer(backbone.transformer, "block")
+    return SearchSpace.for_model(space, 1, uses_cfg=bool(backbone.uses_cfg))
+
+
+def _analysis(preset: Preset, evaluator: PopulationEvaluator, val_prompts: Sequence[Prompt]):
+    evaluator = evaluator.with_search(block_search(evaluator.backbone)).with_sampling(steps=preset.calibration_steps)
+    return evaluator, list(val_prompts)[: preset.ablation_prompts]
+
+
+def scale_sweep(preset: Preset, evaluator: PopulationEvaluator, val_prompts: Sequence[Prompt]) -> AnalysisResult:
+    """Each block's output scaled by every alpha of the preset's grid, at the calibration NFE (Fig. 3b)."""
+    from calibri_pipeline.method.analysis import scale_sweep as sweep
+
+    evaluator, prompts = _analysis(preset, evaluator, val_prompts)
+    return sweep(evaluator, prompts, alphas=preset.sweep_alphas, seeds=preset.ablation_seeds)
+
+
+def block_ablation(preset: Preset, evaluator: PopulationEvaluator, val_prompts: Sequence[Prompt]) -> AnalysisResult:
+    """Each block bypassed in turn, at the calibration NFE (Fig. 3a); its images are the sweep's alpha = 0."""
+    from calibri_pipeline.method.analysis import block_ablation as ablation
+
+    evaluator, prompts = _analysis(preset, evaluator, val_prompts)
+    return ablation(evaluator, prompts, seeds=preset.ablation_seeds)
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What :func:`~calibri_pipeline.method.calibrate.calibrate` is called with for a preset: the search
+    space, the sampling (``guidance`` / ``shift`` None: the model's) and the options; the caller adds
+    where the run is kept (``options.with_(store=..., cache=..., on_generation=...)``)."""
+
+    search: SearchSpace
+    sampling: SamplingSettings
+    options: CalibrationOptions
+
+    def record(self) -> dict[str, Any]:
+        """What a run's record keeps of its plan (the catalog's ``config``, ``result.json``)."""
+        return {
+            "search": self.options.config.to_dict(),
+            "guidance": self.sampling.guidance,
+            "shift": self.sampling.shift,
+            "initial_stds": self.options.initial_stds,
+        }
+
+
+def calibration_plan(
+    preset: Preset,
+    backbone: Backbone,
+    *,
+    sweep: pl.DataFrame | None,
+    tunings: dict[str, dict[str, Any]],
+    warm_start: Any = None,
+    seed: int = 0,
+) -> CalibrationPlan:
+    """The preset's calibration on ``backbone``: its search space, its start (the tuned alternative it
+    names, or ``warm_start``), its search scaled by the sweep, its CMA-ES settings with ``seed``.
+    A ValueError names what an earlier stage must provide first."""
+    from calibri_pipeline.method.calibrate import CalibrationOptions
+    from calibri_pipeline.method.sampler import SamplingSettings
+    from calibri_pipeline.method.space import CalibrationSpace
+
+    space = CalibrationSpace.from_transformer(backbone.transformer, preset.granularity)
+    args = calibration_arguments(
+        preset, backbone, space, sweep=sweep, warm_start=warm_start, **start_arguments(preset, tunings)
+    )
+    return CalibrationPlan(
+        search=args["search"],
+        sampling=SamplingSettings(
+            steps=args["steps"], guidance=args["guidance"], shift=args["shift"], max_batch=args["max_batch"]
+        ),
+        options=CalibrationOptions(
+            config=search_config(preset, seed),
+            warm_start=args["warm_start"],
+            initial_stds=args.get("initial_stds"),
+            guidance_coordinates=args["guidance_coordinates"],
+            val_seeds_per_prompt=list(preset.val_seeds),
+        ),
+    )
+
+
+class Evaluated(NamedTuple):
+    settings: dict[str, Any]  # label -> Setting
+    result: AnalysisResult  # evaluate_settings' scores, per-cell keys and comparisons
+    evaluations: pl.DataFrame
+    comparisons: pl.DataFrame
+
+
+def evaluation(
+    preset: Preset,
+    evaluator: PopulationEvaluator,
+    *,
+    calibri: tuple[SearchSpace, Any, float | None, float | None] | None,
+    tunings: dict[str, dict[str, Any]],
+    test_prompts: Sequence[Prompt],
+    seeds: Sequence[int],
+    calibri_tag: str = "calibri",
+) -> Evaluated:
+    """Every setting of :func:`comparison_settings` on the test cells, paired against the references.
+
+    ``calibri``: ``(search space, vector, guidance, shift)`` of the calibration as sampled (None: none yet);
+    ``evaluator``: the unmodified model's, with every evaluation reward. Returns the settings, their
+    scores, and the catalog's ``evaluations`` and ``comparisons`` rows (the calibration tagged ``calibri_tag``).
+    """
+    from calibri_pipeline.method.analysis import evaluate_settings
+    from calibri_pipeline.report import evaluation_frames
+
+    settings, references = comparison_settings(
+        preset,
+        calibri=None if calibri is None else calibri[:3],
+        tunings=tunings,
+        slg_space=block_search(evaluator.backbone).space,
+        calibri_shift=None if calibri is None else calibri[3],
+    )
+    evaluated = evaluate_settings(
+        evaluator, settings, test_prompts, seeds=seeds, reference=references["baseline"], references=references
+    )
+    carried_guidance = None
+    if calibri is not None:
+        carried = calibri[0].effective_guidance(calibri[1])
+        carried_guidance = carried[0] if carried else calibri[2]
+    evals, comparisons = evaluation_frames(evaluated, calibri_tag, carried_guidance)
+    return Evaluated(settings, evaluated, evals, comparisons)
+
+
 __all__ = [
+    "CalibrationPlan",
+    "Evaluated",
+    "block_ablation",
+    "block_search",
+    "calibration_plan",
+    "evaluation",
+    "scale_sweep",
     "search_config",
     "calibration_arguments",
     "start_tuning",
-    "setting_label",
     "comparison_settings",
     "start_arguments",
     "tune_alternatives",
@@ -208,11 +355,6 @@ def tune_alternatives(
             )
         )
     return tuned
-
-
-def setting_label(name: str, steps: int) -> str:
-    """How a sampled setting is named in evaluations and comparisons: ``calibri@4``, ``baseline@8``."""
-    return f"{name}@{steps}"
 
 
 def comparison_settings(
