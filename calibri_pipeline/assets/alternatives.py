@@ -11,8 +11,7 @@ import json
 import dagster as dg
 
 from calibri_pipeline.assets.analyses import block_ablation
-from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Stage, cells, table_md
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.assets.common import Stage, cells, stage_asset, table_md
 
 #: the columns of a tuner's grid shown in the asset's metadata (those it has), less what says nothing there
 GRID_COLUMNS = (
@@ -53,23 +52,14 @@ def tuning_row(stage: Stage, tuned) -> dict:
     )
 
 
-@dg.asset(
-    partitions_def=PARTITIONS, group_name=GROUP, deps=[block_ablation], pool=GPU_POOL, kinds={"pytorch", "duckdb"}
-)
-def alternatives(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[block_ablation], kinds={"pytorch", "duckdb"}, gpu=True)
+def alternatives(stage: Stage) -> dg.MaterializeResult:
     """Guidance-tuned, skip-layer-guidance-tuned, shift-tuned and schedule-tuned baselines, chosen on the
     validation cells."""
     import polars as pl
 
     from calibri_pipeline.stages import tune_alternatives
 
-    stage = Stage(context, config, catalog, object_store, compute)
     preset = stage.preset
     val_prompts, val_seeds = stage.prompts("val"), list(preset.val_seeds)
     ablation = None

@@ -6,31 +6,23 @@ back from the image cache when the sweep's grid has alpha = 0 and both use the s
 
 import dagster as dg
 
-from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Stage, png_markdown, table_md
+from calibri_pipeline.assets.common import Stage, png_markdown, stage_asset, table_md
 from calibri_pipeline.assets.prompts import prompt_embeddings
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
 
 
-def _analysis_inputs(context, config, catalog, object_store, compute):
-    """The stage, the unmodified model's evaluator (the analysis stage sets blocks and NFE) and the validation prompts."""
-    stage = Stage(context, config, catalog, object_store, compute)
-    return stage, stage.evaluator(None, stage.rewards([stage.reward])), stage.prompts("val")
+def _analysis_inputs(stage: Stage):
+    """The unmodified model's evaluator (the analysis stage sets blocks and NFE) and the validation prompts."""
+    return stage.evaluator(None, stage.rewards([stage.reward])), stage.prompts("val")
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch"})
-def scale_sweep(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[prompt_embeddings], kinds={"pytorch"}, gpu=True)
+def scale_sweep(stage: Stage) -> dg.MaterializeResult:
     """Each block's output scaled by every alpha of a grid (Fig. 3b heatmap); also what scales the search."""
     import polars as pl
 
     from calibri_pipeline import stages
 
-    stage, evaluator, prompts = _analysis_inputs(context, config, catalog, object_store, compute)
+    evaluator, prompts = _analysis_inputs(stage)
     result = stages.scale_sweep(stage.preset, evaluator, prompts)
     df = result.table.select(
         pl.lit(stage.model).alias("model"),
@@ -56,20 +48,14 @@ def scale_sweep(
     )
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[scale_sweep], pool=GPU_POOL, kinds={"pytorch"})
-def block_ablation(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[scale_sweep], kinds={"pytorch"}, gpu=True)
+def block_ablation(stage: Stage) -> dg.MaterializeResult:
     """Each block bypassed in turn: reward change vs the unmodified model, bootstrap CIs (Fig. 3a)."""
     import polars as pl
 
     from calibri_pipeline import stages
 
-    stage, evaluator, prompts = _analysis_inputs(context, config, catalog, object_store, compute)
+    evaluator, prompts = _analysis_inputs(stage)
     result = stages.block_ablation(stage.preset, evaluator, prompts)
     df = result.table.select(
         pl.lit(stage.model).alias("model"),

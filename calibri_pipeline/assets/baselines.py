@@ -3,33 +3,24 @@
 import dagster as dg
 
 from calibri_pipeline.assets.common import (
-    GROUP,
-    PARTITIONS,
-    CalibriConfig,
     Stage,
     cells,
     check_run_key,
     grid_of,
     image_rows,
     png_markdown,
+    stage_asset,
     table_md,
 )
 from calibri_pipeline.assets.prompts import prompt_embeddings
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.resources import CatalogResource
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompt_embeddings], pool=GPU_POOL, kinds={"pytorch", "s3"})
-def baseline_images(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[prompt_embeddings], kinds={"pytorch", "s3"}, gpu=True)
+def baseline_images(stage: Stage) -> dg.MaterializeResult:
     """Unmodified model on the test prompts at the default NFE and at the calibration NFE (into the image cache)."""
     import polars as pl
 
-    stage = Stage(context, config, catalog, object_store, compute)
     preset = stage.preset
     test = stage.prompts("test")
     cell_prompts, cell_seeds = cells(test, preset.seeds)
@@ -64,18 +55,11 @@ def baseline_images(
     )
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[baseline_images], kinds={"duckdb"})
-def baseline_scores(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[baseline_images], kinds={"duckdb"})
+def baseline_scores(stage: Stage) -> dg.MaterializeResult:
     """Every evaluation reward on every baseline image (the stored PNGs, read back through the image cache)."""
     import polars as pl
 
-    stage = Stage(context, config, catalog, object_store, compute)
     preset = stage.preset
     test = stage.prompts("test")
     cell_prompts, cell_seeds = cells(test, preset.seeds)

@@ -9,15 +9,13 @@ import dagster as dg
 from calibri_pipeline.assets.alternatives import alternatives, load_tunings
 from calibri_pipeline.assets.analyses import scale_sweep
 from calibri_pipeline.assets.common import (
-    GROUP,
-    PARTITIONS,
-    CalibriConfig,
     Stage,
     latest_calibration,
     png_markdown,
+    stage_asset,
     table_md,
 )
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource, RayResource
+from calibri_pipeline.resources import RayResource
 
 
 def run_id_for(model: str, reward: str, granularity: str, n_models: int, segments=()) -> str:
@@ -58,17 +56,13 @@ def _parent_model(model: str, store) -> str | None:
         return None
 
 
-@dg.asset(
-    partitions_def=PARTITIONS, group_name=GROUP, deps=[scale_sweep, alternatives], pool=GPU_POOL, kinds={"pytorch"}
+@stage_asset(
+    deps=[scale_sweep, alternatives],
+    kinds={"pytorch"},
+    gpu=True,
+    resources=("catalog", "object_store", "compute", "ray"),
 )
-def calibration(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-    ray: RayResource,
-) -> dg.MaterializeResult:
+def calibration(stage: Stage, ray: RayResource) -> dg.MaterializeResult:
     """CMA-ES over the Calibri coefficients, scaled to the model by the sweep, its noise measured and its pick confirmed."""
     import polars as pl
     from tqdm.auto import tqdm
@@ -78,13 +72,12 @@ def calibration(
     from calibri_pipeline.models import ModelFactory
     from calibri_pipeline.stages import calibration_plan, start_tuning
 
-    stage = Stage(context, config, catalog, object_store, compute)
     preset, store, cat = stage.preset, stage.store, stage.catalog
     space = stage.space()
     train, val = stage.prompts("train"), stage.prompts("val")
     run_id = run_id_for(stage.model, stage.reward, preset.granularity, preset.n_models, preset.segments)
     warm, warm_from = _warm_start(
-        stage, config.warm_start_from or _parent_model(stage.model, store), space, preset.n_models
+        stage, stage.config.warm_start_from or _parent_model(stage.model, store), space, preset.n_models
     )
     sweep = cat.query(
         "SELECT block AS name, alpha, delta FROM sweeps WHERE model = ? AND reward = ?", [stage.model, stage.reward]
@@ -127,7 +120,7 @@ def calibration(
     t0 = time.perf_counter()
     try:
         # with a Ray address, images are made on Ray actors holding their own replicas
-        with ray.worker_pool(ModelFactory(stage.model, store.url, compute.device, compute.dtype)) as pool:
+        with ray.worker_pool(ModelFactory(stage.model, store.url, stage.compute.device, stage.compute.dtype)) as pool:
             where = dict(store=store.state_store(state_prefix), run_name="cmaes", on_generation=on_generation)
             options = plan.options.with_(pool=pool, cache=stage.image_cache, model=stage.model, **where)
             result = calibrate(

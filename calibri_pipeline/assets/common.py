@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 import time
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import dagster as dg
 from pydantic import Field, create_model
 
 from calibri_pipeline.presets import DEFAULT_PRESET, Preset, default_preset_for_model, get_preset
+from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource, RayResource
 from calibri_pipeline.rewards.names import OPTIMISABLE_REWARDS
 
 if TYPE_CHECKING:
@@ -189,6 +191,7 @@ class Stage:
 
     def __init__(self, context, config: CalibriConfig | None, catalog, object_store, compute=None) -> None:
         self.context = context
+        self.config = config
         self.model, self.reward, self.run_key = partition(context)
         self.store = object_store.store
         self.catalog = catalog.catalog
@@ -256,6 +259,55 @@ class Stage:
             line += f" ({st.images} images: {st.generated} sampled, {st.cached} from the image cache)"
         self.log(line)
         return line
+
+
+#: the resources a stage asset may ask for, by parameter name
+STAGE_RESOURCES = {
+    "catalog": CatalogResource,
+    "object_store": ObjectStoreResource,
+    "compute": ComputeResource,
+    "ray": RayResource,
+}
+
+
+def stage_asset(
+    *,
+    kinds: set[str],
+    deps: Sequence[Any] = (),
+    gpu: bool = False,
+    config: bool = True,
+    resources: Sequence[str] = ("catalog", "object_store", "compute"),
+):
+    """A partitioned asset whose body takes its :class:`Stage` (and ``ray=`` when it asks for that
+    resource): the partitions, group, run config, resources and stage set-up are written here once.
+    ``gpu``: runs in the GPU pool (one at a time per GPU); ``config``: takes the shared run config."""
+
+    def decorate(body: Callable[..., dg.MaterializeResult]) -> dg.AssetsDefinition:
+        def compute_fn(context, config=None, **given):
+            stage = Stage(context, config, given["catalog"], given["object_store"], given.get("compute"))
+            return body(stage, **({"ray": given["ray"]} if "ray" in given else {}))
+
+        # Dagster reads the resources and the config a compute function takes from its signature
+        P = inspect.Parameter
+        params = [P("context", P.POSITIONAL_OR_KEYWORD, annotation=dg.AssetExecutionContext)]
+        if config:
+            params.append(P("config", P.POSITIONAL_OR_KEYWORD, annotation=CalibriConfig))
+        params += [P(name, P.KEYWORD_ONLY, annotation=STAGE_RESOURCES[name]) for name in resources]
+        compute_fn.__signature__ = inspect.Signature(params, return_annotation=dg.MaterializeResult)
+        compute_fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": dg.MaterializeResult}
+        compute_fn.__name__ = compute_fn.__qualname__ = body.__name__
+        compute_fn.__module__, compute_fn.__doc__ = body.__module__, body.__doc__
+        return dg.asset(
+            name=body.__name__,
+            partitions_def=PARTITIONS,
+            group_name=GROUP,
+            deps=list(deps),
+            kinds=kinds,
+            pool=GPU_POOL if gpu else None,
+            description=inspect.cleandoc(body.__doc__ or "") or None,
+        )(compute_fn)
+
+    return decorate
 
 
 def warm_text_cache(backbone, store, model: str, reward: str) -> None:

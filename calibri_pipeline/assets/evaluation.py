@@ -10,35 +10,21 @@ from calibri_pipeline.assets.alternatives import load_tunings
 from calibri_pipeline.assets.baselines import baseline_scores
 from calibri_pipeline.assets.calibration import calibration, calibration_search, load_calibration
 from calibri_pipeline.assets.common import (
-    GROUP,
-    PARTITIONS,
-    CalibriConfig,
     Stage,
     check_run_key,
     grid_of,
     image_rows,
     latest_calibration,
     png_markdown,
+    stage_asset,
     table_md,
 )
 from calibri_pipeline.report import SETTING_TAGS
-from calibri_pipeline.resources import GPU_POOL, CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.resources import CatalogResource
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    group_name=GROUP,
-    deps=[calibration, baseline_scores],
-    pool=GPU_POOL,
-    kinds={"pytorch", "duckdb"},
-)
-def evaluation(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[calibration, baseline_scores], kinds={"pytorch", "duckdb"}, gpu=True)
+def evaluation(stage: Stage) -> dg.MaterializeResult:
     """Test prompts: baseline, guidance-tuned, SLG-tuned, shift-tuned and Calibri at the calibration NFE, the baseline at
     twice that and at the default, the NFE study; every reward, paired CIs against the references."""
     import json
@@ -50,7 +36,6 @@ def evaluation(
     from calibri_pipeline.method.analysis import plot_nfe
     from calibri_pipeline.report import headline_table
 
-    stage = Stage(context, config, catalog, object_store, compute)
     preset, cat = stage.preset, stage.catalog
     run = load_calibration(stage)
     run_config = json.loads(run["config"])
@@ -181,13 +166,8 @@ def calibrated_not_worse_than_guidance_tuning(
     return not_worse_result(_comparison(catalog.catalog, check_run_key(context), "guidance-tuned"))
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[evaluation], kinds={"pytorch", "duckdb"})
-def diversity(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[evaluation], kinds={"pytorch", "duckdb"}, resources=("catalog", "object_store"))
+def diversity(stage: Stage) -> dg.MaterializeResult:
     """Per-prompt diversity over seeds (1 - mean pairwise cosine similarity of image features; paper App. B)."""
     import polars as pl
     import torch
@@ -196,7 +176,6 @@ def diversity(
     from calibri_pipeline.method.diversity import diversity_per_prompt
     from calibri_pipeline.storage.image_cache import read_png_tensor
 
-    stage = Stage(context, config, catalog, object_store)
     rows = stage.catalog.query(
         "SELECT image_id, prompt_id, seed, steps, calibration, uri FROM images WHERE run_key = ? "
         "ORDER BY calibration, steps, prompt_id, seed",

@@ -3,23 +3,17 @@
 import dagster as dg
 
 from calibri_pipeline.assets.calibration import calibration, calibration_search, load_calibration
-from calibri_pipeline.assets.common import GROUP, PARTITIONS, Stage, table_md
+from calibri_pipeline.assets.common import GROUP, Stage, stage_asset, table_md
 from calibri_pipeline.assets.evaluation import diversity, evaluation
-from calibri_pipeline.resources import CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.resources import CatalogResource
 from calibri_pipeline.storage.paper_tables import paper_tables_from_catalog
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[calibration], kinds={"pytorch", "safetensors"})
-def calibrated_checkpoint(
-    context: dg.AssetExecutionContext,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[calibration], kinds={"pytorch", "safetensors"}, config=False)
+def calibrated_checkpoint(stage: Stage) -> dg.MaterializeResult:
     """The calibration baked into the transformer weights; stock diffusers ``from_pretrained`` loads it."""
     from calibri_pipeline.method.export import export_calibrated
 
-    stage = Stage(context, None, catalog, object_store, compute)
     run = load_calibration(stage)
     prefix = f"checkpoints/{stage.model}/{stage.reward}"
     search = calibration_search(stage, run)

@@ -5,24 +5,17 @@ import time
 
 import dagster as dg
 
-from calibri_pipeline.assets.common import GROUP, PARTITIONS, CalibriConfig, Stage, table_md
-from calibri_pipeline.resources import CatalogResource, ComputeResource, ObjectStoreResource
+from calibri_pipeline.assets.common import Stage, stage_asset, table_md
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, kinds={"python", "duckdb"})
-def prompts(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-) -> dg.MaterializeResult:
+@stage_asset(kinds={"python", "duckdb"}, resources=("catalog", "object_store"))
+def prompts(stage: Stage) -> dg.MaterializeResult:
     """Train / val / test prompts: the embedded world's grammar (optionally LLM-rewritten) or a prompt file."""
     import polars as pl
 
     from calibri_pipeline.prompt_sets import build_prompt_set
 
-    stage = Stage(context, config, catalog, object_store)
-    prompt_list = build_prompt_set(stage.preset, llm_rewrite=config.llm_rewrite, log=stage.log)
+    prompt_list = build_prompt_set(stage.preset, llm_rewrite=stage.config.llm_rewrite, log=stage.log)
     # specs go in as JSON text: a polars struct column would unify keys across rows (adding nulls)
     rows = [
         dict(p.to_dict(), prompt_set=stage.run_key, spec=json.dumps(p.spec), meta=json.dumps(p.meta))
@@ -45,16 +38,9 @@ def prompts(
     )
 
 
-@dg.asset(partitions_def=PARTITIONS, group_name=GROUP, deps=[prompts], kinds={"pytorch", "safetensors"})
-def prompt_embeddings(
-    context: dg.AssetExecutionContext,
-    config: CalibriConfig,
-    catalog: CatalogResource,
-    object_store: ObjectStoreResource,
-    compute: ComputeResource,
-) -> dg.MaterializeResult:
+@stage_asset(deps=[prompts], kinds={"pytorch", "safetensors"})
+def prompt_embeddings(stage: Stage) -> dg.MaterializeResult:
     """Text-encoder states of every prompt, computed once and cached in the object store (safetensors)."""
-    stage = Stage(context, config, catalog, object_store, compute)
     texts = sorted({p.text for p in stage.prompts()} | {""})
     encoder = getattr(stage.backbone, "text_encoder", None)
     t0 = time.perf_counter()

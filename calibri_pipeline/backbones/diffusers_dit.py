@@ -577,7 +577,26 @@ class DiffusersBackbone(Backbone):
         guidance: float | None,
         resolution: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """The raw transformer velocity for packed latents ``x`` at noise levels ``sigma`` ``[M]``."""
+        """The raw transformer velocity for packed latents ``x`` at noise levels ``sigma`` ``[M]``: the stock
+        transformer called with the architecture's inputs (:meth:`transformer_inputs`)."""
+        latent_size = self.latent_size(resolution or self.resolution)
+        inputs = self.transformer_inputs(x.to(self.dtype), sigma, cond, guidance=guidance, latent_size=latent_size)
+        return self.transformer(**inputs, return_dict=False)[0].to(x.dtype)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The ``timestep`` this architecture's transformer takes at noise level ``sigma`` (as its pipeline passes it)."""
+        raise NotImplementedError
+
+    def transformer_inputs(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        guidance: float | None,
+        latent_size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """The transformer's keyword arguments for state ``x`` (already in the model's dtype)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -683,29 +702,21 @@ class FluxBackbone(DiffusersBackbone):
         )
         return {"states": states, "pooled": pooled}
 
-    def model_fn(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Mapping[str, torch.Tensor],
-        *,
-        guidance: float | None,
-        resolution: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        dtype = self.dtype
-        h, w = self.latent_size(resolution or self.resolution)
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.to(self.dtype)  # FluxPipeline passes t / 1000; the transformer scales by 1000 itself
+
+    def transformer_inputs(self, x, sigma, cond, *, guidance, latent_size):
+        dtype, (h, w) = self.dtype, latent_size
         distilled = bool(self.transformer.config.guidance_embeds)
-        out = self.transformer(
-            hidden_states=x.to(dtype),
-            timestep=sigma.to(dtype),  # the transformer scales by 1000 itself
+        return dict(
+            hidden_states=x,
+            timestep=self.timestep(sigma),
             guidance=torch.full((x.shape[0],), guidance, device=x.device, dtype=torch.float32) if distilled else None,
             pooled_projections=cond["pooled"].to(dtype),
             encoder_hidden_states=cond["states"].to(dtype),
             txt_ids=torch.zeros(cond["states"].shape[1], 3, device=x.device, dtype=dtype),
             img_ids=flux_image_ids(h // 2, w // 2, x.device).to(dtype),
-            return_dict=False,
-        )[0]
-        return out.to(x.dtype)
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
@@ -751,24 +762,16 @@ class SD3Backbone(DiffusersBackbone):
         )
         return {"states": states, "pooled": pooled}
 
-    def model_fn(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Mapping[str, torch.Tensor],
-        *,
-        guidance: float | None,
-        resolution: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        dtype = self.dtype
-        out = self.transformer(
-            hidden_states=x.to(dtype),
-            timestep=sigma.float() * 1000.0,  # SD3 embeds the timestep in [0, 1000]
-            encoder_hidden_states=cond["states"].to(dtype),
-            pooled_projections=cond["pooled"].to(dtype),
-            return_dict=False,
-        )[0]
-        return out.to(x.dtype)
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.float() * 1000.0  # StableDiffusion3Pipeline passes t in [0, 1000]
+
+    def transformer_inputs(self, x, sigma, cond, *, guidance, latent_size):
+        return dict(
+            hidden_states=x,
+            timestep=self.timestep(sigma),
+            encoder_hidden_states=cond["states"].to(self.dtype),
+            pooled_projections=cond["pooled"].to(self.dtype),
+        )
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         config = self.vae.config
@@ -864,27 +867,22 @@ class QwenImageBackbone(DiffusersBackbone):
     def _identity_extra(self) -> dict[str, Any]:
         return {"cfg_renorm": self.cfg_renorm}
 
-    def model_fn(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        cond: Mapping[str, torch.Tensor],
-        *,
-        guidance: float | None,
-        resolution: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        dtype = self.dtype
-        h, w = self.latent_size(resolution or self.resolution)
-        mask = cond["mask"]
-        out = self.transformer(
-            hidden_states=x.to(dtype),
-            timestep=sigma.to(dtype),  # scaled by 1000 inside the time embedding
-            encoder_hidden_states=cond["states"].to(dtype),
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return sigma.to(self.dtype)  # QwenImagePipeline passes t / 1000; scaled by 1000 inside the time embedding
+
+    def transformer_inputs(self, x, sigma, cond, *, guidance, latent_size):
+        (h, w), mask = latent_size, cond["mask"]
+        return dict(
+            hidden_states=x,
+            timestep=self.timestep(sigma),
+            encoder_hidden_states=cond["states"].to(self.dtype),
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,
             img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0],
-            return_dict=False,
-        )[0].to(x.dtype)
-        if "is_cond" in cond:
+        )
+
+    def model_fn(self, x, sigma, cond, *, guidance, resolution=None):
+        out = super().model_fn(x, sigma, cond, guidance=guidance, resolution=resolution)
+        if "is_cond" in cond:  # the conditional rows' velocity, for the rescaling around the mixed one
             self._conditional.velocity = out[cond["is_cond"].bool()]
         return out
 
