@@ -12,7 +12,7 @@ from calibri_pipeline.runtime import tune_allocator
 tune_allocator()
 
 __version__ = "0.1.0"
-__all__ = ["CalibrationSpace", "EnsembleLayout"]
+__all__ = ["Calibration", "CalibrationSpace", "EnsembleLayout", "apply_calibration"]
 
 
 def __getattr__(name: str):
@@ -20,6 +20,14 @@ def __getattr__(name: str):
         from calibri_pipeline.method.space import CalibrationSpace
 
         return CalibrationSpace
+    if name == "Calibration":
+        from calibri_pipeline.method.calibration import Calibration
+
+        return Calibration
+    if name == "apply_calibration":
+        from calibri_pipeline.backbones.stock import apply_calibration
+
+        return apply_calibration
     if name == "EnsembleLayout":
         from calibri_pipeline.method.ensemble import EnsembleLayout
 

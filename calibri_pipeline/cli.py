@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "calibri_pipeline.calibrate_cli:main",
         "one calibration and its held-out comparison with the alternatives, without Dagster",
     ),
+    "export": (
+        "calibri_pipeline.export_cli:main",
+        "a finished calibration as a Calibration file or baked diffusers checkpoints",
+    ),
     "serve-reward": ("calibri_pipeline.rewards.server:main", "serve a reward over HTTP on loopback"),
     "reward-env": (
         "calibri_pipeline.rewards.envs:main",

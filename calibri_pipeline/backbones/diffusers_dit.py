@@ -243,6 +243,8 @@ class DiffusersBackbone(Backbone):
 
     arch: ClassVar[str] = ""
     uses_cfg: ClassVar[bool] = False
+    #: the transformer's ``timestep`` per unit of noise level (its pipeline passes ``sigma * timestep_scale``)
+    timestep_scale: ClassVar[float] = 1.0
     negative_prompt: ClassVar[str | None] = None
     defaults: ClassVar[ArchDefaults]
     max_shift_default: ClassVar[float] = 1.15
@@ -587,6 +589,12 @@ class DiffusersBackbone(Backbone):
         """The ``timestep`` this architecture's transformer takes at noise level ``sigma`` (as its pipeline passes it)."""
         raise NotImplementedError
 
+    @classmethod
+    def sigma_of_timestep(cls, timestep: torch.Tensor | float) -> float:
+        """The noise level of a ``timestep`` the stock pipeline passed its transformer (first row)."""
+        t = timestep.flatten()[0] if isinstance(timestep, torch.Tensor) else timestep
+        return float(t) / cls.timestep_scale
+
     def transformer_inputs(
         self,
         x: torch.Tensor,
@@ -734,6 +742,7 @@ class SD3Backbone(DiffusersBackbone):
 
     arch = "sd3"
     uses_cfg = True
+    timestep_scale = 1000.0
     negative_prompt = ""  # the pipeline's default negative prompt
     defaults = ArchDefaults(steps=40, guidance=4.5, resolution=512, max_sequence_length=256)
     max_shift_default = 1.16  # StableDiffusion3Pipeline's fallback when the config has no max_shift
@@ -763,7 +772,7 @@ class SD3Backbone(DiffusersBackbone):
         return {"states": states, "pooled": pooled}
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        return sigma.float() * 1000.0  # StableDiffusion3Pipeline passes t in [0, 1000]
+        return sigma.float() * self.timestep_scale  # StableDiffusion3Pipeline passes t in [0, 1000]
 
     def transformer_inputs(self, x, sigma, cond, *, guidance, latent_size):
         return dict(

@@ -131,6 +131,7 @@ def export_calibrated(
         }[mode],
         "class": type(backbone.transformer).__name__,
         "granularity": granularity,
+        "names": list(CalibrationSpace.from_transformer(backbone.transformer, granularity).names),
         "n_models": n_models,
         "vector": [float(v) for v in vector],
         "files": files,
