@@ -2,11 +2,13 @@
 
     calibri export --run-id 'toy|world_score|block|n2|s0.9' --out cal.json                   # a Calibration file
     calibri export --run-id 'toy|world_score|block|n2' --format diffusers --out ckpt/        # baked checkpoints
+    calibri export --run-id 'toy|world_score|block|n1' --format official --out cmaes_step_0010.json
 
 ``--format calibration`` (default) writes one JSON file that ``Calibration.load`` reads and
 ``apply_calibration(pipe, calibration)`` runs inside a stock diffusers pipeline. ``--format diffusers``
 bakes a constant calibration into ``save_pretrained`` folders (a time-dependent one cannot be baked:
-its ``calibri_schedule.json`` is written instead). The catalog and the models are the demo's
+its ``calibri_schedule.json`` is written instead). ``--format official`` writes the paper's code
+release's ``cmaes_step_*.json`` (FLUX block / layer / gate, SD-3 and Qwen-Image gate; constant only). The catalog and the models are the demo's
 (``$CALIBRI_HOME``) unless ``--catalog`` / ``$CALIBRI_CATALOG`` and ``$CALIBRI_OBJECT_STORE`` say otherwise.
 Nothing is overwritten: an existing ``--out`` is refused.
 """
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-FORMATS = ("calibration", "diffusers")
+FORMATS = ("calibration", "diffusers", "official")
 
 
 def export(run_id: str, out: str | Path, fmt: str = "calibration", catalog_path: str | Path | None = None) -> str:
@@ -46,6 +48,12 @@ def export(run_id: str, out: str | Path, fmt: str = "calibration", catalog_path:
     from calibri_pipeline.storage.paths import default_object_store_url
 
     backbone = load_model(calibration.source["model"], ObjectStore(default_object_store_url()))
+    if fmt == "official":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        calibration.to_official(str(tmp), backbone.transformer)
+        tmp.replace(out)
+        return str(out)
     calibration.search_space(backbone.transformer, cfg=bool(backbone.uses_cfg))  # the model it was made for
     partial = out.with_name(out.name + ".partial")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ project's sampler with the same vector and latents, with one transformer; `Calib
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -190,3 +191,125 @@ def test_calibri_export_writes_a_calibration_file_and_baked_checkpoints(tmp_path
     reference = toy.transformer.transformer_blocks[0].attn.to_out[0].weight
     assert torch.allclose(block, reference * vector[0]) and hooked.size == space.size
     assert Calibration.load(str(out)).vector == tuple(vector)
+    official_file = tmp_path / "cmaes_step_0001.json"
+    assert main(["export", "--run-id", row["run_id"], "--format", "official", "--out", str(official_file)]) == 0
+    assert Calibration.load(str(official_file), model=toy.transformer).vector == pytest.approx(vector)
+
+
+# ------------------------------------------------------------------------------------------------
+# The official release's files
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch,granularity,n_models,per_model",
+    [
+        ("flux", "gate", 1, lambda nd, ns: 4 * nd + ns + 1),
+        ("flux", "layer", 1, lambda nd, ns: 2 * nd + ns + 1),
+        ("flux", "block", 1, lambda nd, ns: nd + ns + 1),
+        ("sd3", "gate", 2, None),
+        ("qwen-image", "gate", 2, lambda nb, _: 4 * nb + 1),
+    ],
+)
+def test_an_official_file_round_trips_on_the_model_it_was_made_for(
+    tmp_path, backbones, arch, granularity, n_models, per_model
+):
+    bb = backbones[arch]
+    t = bb.transformer
+    space = CalibrationSpace.from_transformer(t, granularity)
+    search = SearchSpace.for_model(space, n_models, uses_cfg=bb.uses_cfg)
+    cal = Calibration(granularity, space.names, n_models, _vector(search, 4.5, 11).tolist())
+    path = cal.to_official(str(tmp_path / "cmaes_step_0010.json"), t)
+    record = json.loads((tmp_path / "cmaes_step_0010.json").read_text())
+    n_double = len(getattr(t, "transformer_blocks", []))
+    n_single = len(getattr(t, "single_transformer_blocks", []))
+    if per_model is not None:  # the release's length formulas (FLUX.1-dev: 115 / 77 / 58; Qwen-Image: 482 at n=2)
+        assert len(record["solution"]) == record["shapes"]["total"] == n_models * per_model(n_double, n_single)
+    else:  # SD-3: 2 per block + 2 per block with a text stream + 1 per dual-attention block, + the weight
+        blocks = t.transformer_blocks
+        n_ctx = sum(not b.context_pre_only for b in blocks)
+        n_dual = sum(bool(getattr(b, "use_dual_attention", False)) for b in blocks)
+        assert record["shapes"]["total"] == n_models * (2 * len(blocks) + 2 * n_ctx + n_dual + 1)
+    assert record["solution"][-n_models:] == list(cal.vector[-n_models:])  # the trailing weights stay last
+    back = Calibration.load(path, model=t)  # the granularity read from `shapes`
+    assert back.granularity == granularity and back.vector == pytest.approx(cal.vector)
+    assert back.source["official"] and back.cfg == bb.uses_cfg
+    with pytest.raises(ValueError, match="give the model it was made for"):
+        Calibration.load(path)
+    other = "sd3" if arch != "sd3" else "flux"
+    with pytest.raises(ValueError):
+        Calibration.load(path, model=backbones[other].transformer)
+
+
+def test_the_official_flux_gate_order_is_image_pairs_then_text_pairs_then_singles(backbones):
+    """The order the release's flux_sg.py reads (its file says nothing about it): spelled out on the tiny FLUX."""
+    from calibri_pipeline.method import official
+
+    t = backbones["flux"].transformer
+    space = CalibrationSpace.from_transformer(t, "gate")
+    variant, parts = official.sections(space)
+    nd, ns = len(t.transformer_blocks), len(t.single_transformer_blocks)
+    assert variant == "black-forest-labs/FLUX.1-dev"
+    assert parts[0][:2] == ["transformer_blocks.0.attn.image", "transformer_blocks.0.mlp.image"]
+    assert parts[1][:2] == ["transformer_blocks.0.attn.text", "transformer_blocks.0.mlp.text"]
+    assert [len(p) for p in parts] == [2 * nd, 2 * nd, ns]
+    cal = Calibration("gate", space.names, 1, [1.0 + 0.01 * i for i in range(space.size + 1)])
+    flat = official.to_flat(cal, space)
+    assert flat[0] == cal.vector[space.names.index("transformer_blocks.0.attn.image")]
+    assert flat[2 * nd] == cal.vector[space.names.index("transformer_blocks.0.attn.text")]
+    with pytest.raises(ValueError, match="no official form"):
+        official.to_flat(Calibration("gate", space.names, 1, [1.0] * (2 * space.size + 2), (0.5,)), space)
+
+
+OFFICIAL_CODE = os.environ.get("CALIBRI_OFFICIAL_CODE")  # a checkout of github.com/v-gen-ai/Calibri (its src/)
+
+
+@pytest.mark.skipif(not OFFICIAL_CODE, reason="set CALIBRI_OFFICIAL_CODE to a checkout of the official release")
+@pytest.mark.parametrize("granularity", ["gate", "layer", "block"])
+def test_the_official_hooks_and_ours_give_the_same_flux_output_for_the_same_file(backbones, granularity):
+    """Behaviour, not layout: the same cmaes_step file through the release's own FLUX hooks (run from its
+    checkout, not copied) and through this project's coefficients gives the same transformer output."""
+    import copy
+    import importlib
+    import sys
+    import types
+
+    sys.path.insert(0, OFFICIAL_CODE)
+    module, cls = {
+        "gate": ("src.models.flux_sg", "SGFluxPipeline"),
+        "layer": ("src.models.flux_sg_mlp_attn", "SGFluxPipeline_MlpAttn"),
+        "block": ("src.models.flux_sg_block", "SGFluxPipelineBlock"),
+    }[granularity]
+    theirs_module = importlib.import_module(module)
+    t = backbones["flux"].transformer
+    space = CalibrationSpace.from_transformer(t, granularity)
+    g = torch.Generator().manual_seed(7)
+    vector = (1.0 + 0.4 * torch.randn(space.size + 1, generator=g)).tolist()
+    cal = Calibration(granularity, space.names, 1, vector)
+    flat = np.asarray(__import__("calibri_pipeline.method.official", fromlist=["x"]).to_flat(cal, space))
+    n_img, n_txt = 16, 8
+    inputs = dict(
+        hidden_states=torch.randn(2, n_img, t.config.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(2, n_txt, t.config.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(2, t.config.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.7, 0.7]),
+        img_ids=torch.zeros(n_img, 3),
+        txt_ids=torch.zeros(n_txt, 3),
+        guidance=torch.full((2,), 3.5) if t.config.guidance_embeds else None,
+        return_dict=False,
+    )
+    official_model = theirs_module.extend_transformer_with_sg(copy.deepcopy(t), num_models=1)
+    pipe = getattr(theirs_module, cls).__new__(getattr(theirs_module, cls))
+    pipe.pipeline = types.SimpleNamespace(transformer=official_model)
+    pipe.apply_coefficients(flat)
+    with torch.no_grad():
+        theirs = official_model(**inputs)[0]
+        with space.apply(t, torch.tensor(vector[:-1])):
+            ours = t(**inputs)[0] * vector[-1]
+        plain = t(**inputs)[0]
+        swapped = flat.copy()  # the same numbers in another order: what a wrong mapping would give
+        swapped[:-1] = flat[:-1][::-1]
+        pipe.apply_coefficients(swapped)
+        wrong = official_model(**inputs)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - plain).abs().max() > 1e-3 and (wrong - theirs).abs().max() > 1e-3  # the check can fail

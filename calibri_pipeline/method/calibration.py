@@ -135,9 +135,13 @@ class Calibration:
         )
 
     @classmethod
-    def load(cls, path_or_uri: str) -> Calibration:
+    def load(cls, path_or_uri: str, model: CalibrationSpace | nn.Module | None = None) -> Calibration:
         """Read a calibration file, or a folder holding one (``calibration.json``, ``calibri_schedule.json``
-        or ``manifest.json``, the first found), from a local path or an fsspec URI (``s3://...``)."""
+        or ``manifest.json``, the first found), from a local path or an fsspec URI (``s3://...``).
+
+        The official release's ``cmaes_step_*.json`` is read too, given the ``model`` it was made for
+        (its transformer, or its calibration space): its file does not say which coefficient is which.
+        """
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(str(path_or_uri))
@@ -152,7 +156,64 @@ class Calibration:
             record = json.loads(fs.cat_file(path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path_or_uri}: not JSON ({error})") from None
+        if "solution" in record and "shapes" in record:
+            if model is None:
+                raise ValueError(
+                    f"{path_or_uri} is the official release's file: give the model it was made for, "
+                    "Calibration.load(path, model=pipe.transformer)"
+                )
+            return cls.from_official(record, model, source={"file": str(path_or_uri)})
         return cls.from_dict(record, source={"file": str(path_or_uri)})
+
+    # -- the official release's files ---------------------------------------------------------
+
+    @classmethod
+    def from_official(
+        cls, record: Mapping[str, Any], model: CalibrationSpace | nn.Module, source: Mapping[str, Any] | None = None
+    ) -> Calibration:
+        """A ``cmaes_step_*.json`` record of the paper's code release, on the model it was made for
+        (:mod:`calibri_pipeline.method.official` maps its order onto this project's)."""
+        from calibri_pipeline.method import official
+        from calibri_pipeline.method.space import CalibrationSpace
+
+        n_models = official.n_models_of(dict(record))
+        shapes = record["shapes"]
+        if isinstance(model, CalibrationSpace):
+            space = model
+        else:
+            if "doubles_ctx" in shapes or "main" in shapes or set(shapes) == {"total", "n_models", "n_blocks"}:
+                granularity = "gate"
+            elif shapes.get("doubles_main") == 2 * n_models * shapes.get("n_double", -1):
+                granularity = "layer"
+            else:
+                granularity = "block"
+            space = CalibrationSpace.from_transformer(model, granularity)
+        vector = official.from_flat(list(record["solution"]), space, n_models)
+        variant, _ = official.sections(space)
+        return cls(
+            granularity=space.granularity,
+            names=tuple(space.names),
+            n_models=n_models,
+            vector=tuple(vector),
+            cfg=not variant.startswith(("flux", "black-forest-labs")),
+            model_class=space.model_class,
+            source={"official": variant, "step": record.get("step"), "val": record.get("val"), **dict(source or {})},
+        )
+
+    def to_official(self, path: str, model: CalibrationSpace | nn.Module) -> str:
+        """Write this (constant) calibration as the release's ``cmaes_step_*.json`` for ``model``."""
+        import fsspec
+
+        from calibri_pipeline.method import official
+        from calibri_pipeline.method.space import CalibrationSpace
+
+        space = (
+            model if isinstance(model, CalibrationSpace) else CalibrationSpace.from_transformer(model, self.granularity)
+        )
+        self.search_space(space, cfg=self.cfg if self.cfg is not None else False)  # the model it was made for
+        with fsspec.open(path, "w") as f:
+            f.write(json.dumps(official.payload(self, space), indent=2) + "\n")
+        return path
 
     @classmethod
     def from_catalog(cls, catalog: Any, run_id: str) -> Calibration:
