@@ -148,8 +148,9 @@ def test_four_step_preset_bakes_a_stock_checkpoint_and_tunes_slg(tmp_path):
     assert set(_catalog(home).query("SELECT name FROM tunings")["name"]) == {"guidance-tuned", "slg-tuned"}
     ckpt = home / "objects" / "checkpoints" / "toy" / "world_score"
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["mode"] == "cfg" and manifest["members"] == ["cond", "uncond"]
-    model = FluxTransformer2DModel.from_pretrained(ckpt / "cond")
+    # the CFG pair as one transformer (the conditional coefficients baked in) + the hook's calibration.json
+    assert manifest["mode"] == "cfg" and manifest["members"] == ["model"] and (ckpt / "calibration.json").exists()
+    model = FluxTransformer2DModel.from_pretrained(ckpt / "model")
     assert isinstance(model, FluxTransformer2DModel)
     # the baked weights equal the original ones scaled by the coefficients
     from calibri_pipeline.backbones.toy import load_toy_backbone

@@ -148,7 +148,8 @@ def test_calibration_files_round_trip_and_the_pipelines_exports_read(tmp_path, b
     assert schedule.search_space(bb.transformer, cfg=True).to_dict() == search.to_dict()
     constant = search.x0(4.5)[: search.layout.search_size].tolist()  # ... and the baked manifest (constant)
     export_calibrated(bb, "block", constant, 2, store, "baked")
-    baked = Calibration.load(str(tmp_path / "objects" / "baked"))
+    manifest = json.loads((tmp_path / "objects" / "baked" / "manifest.json").read_text())
+    baked = Calibration.from_dict(manifest)
     assert baked.cfg is True and list(baked.vector) == pytest.approx(constant)
     with pytest.raises(FileNotFoundError, match="no calibration.json"):
         Calibration.load(str(tmp_path))
@@ -331,3 +332,30 @@ def test_the_official_hooks_and_ours_give_the_same_flux_output_for_the_same_file
         wrong = official_model(**inputs)[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert (ours - plain).abs().max() > 1e-3 and (wrong - theirs).abs().max() > 1e-3  # the check can fail
+
+
+def test_a_cfg_ensemble_bakes_into_one_transformer_that_the_hook_completes(tmp_path, pipes, backbones):
+    """The CFG pair exported as one baked transformer + calibration.json: a stock pipeline holding only the
+    baked transformer, under apply_calibration(pipe, Calibration.load(folder)), gives the calibrated images."""
+    from calibri_pipeline.method.export import export_calibrated
+    from calibri_pipeline.storage.object_store import ObjectStore
+
+    bb, pipe = backbones["sd3"], pipes["sd3"]
+    space = CalibrationSpace.from_transformer(bb.transformer, "gate")
+    search = SearchSpace.for_model(space, 2, uses_cfg=True)
+    vector = _vector(search, bb.default_guidance, 21)
+    seeds = [3, 8]
+    ours = bb.generate(PROMPTS[:2], seeds, steps=STEPS, space=space, vectors=vector, n_models=2)
+    manifest = export_calibrated(bb, "gate", vector.tolist(), 2, ObjectStore(tmp_path / "objects"), "ckpt")
+    folder = tmp_path / "objects" / "ckpt"
+    assert manifest["members"] == ["model"] and (folder / "calibration.json").exists()
+    baked = type(pipe.transformer).from_pretrained(folder / "model")
+    stock = type(pipe)(**{**pipe.components, "transformer": baked})
+    latents = bb.pack(bb.initial_noise(seeds))
+    with apply_calibration(stock, Calibration.load(str(folder))):
+        images = _stock("sd3", stock, bb, latents, bb.default_guidance)
+    torch.testing.assert_close(images.float(), ours, atol=1e-4, rtol=0)
+    stuck = vector.clone()
+    stuck[0], stuck[space.size] = 0.0, 0.5  # the conditional pass switches a branch off, the other keeps it
+    with pytest.raises(ValueError, match="one baked transformer cannot hold both"):
+        export_calibrated(bb, "gate", stuck.tolist(), 2, ObjectStore(tmp_path / "objects"), "stuck")

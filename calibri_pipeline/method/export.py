@@ -5,8 +5,12 @@ projections and its ensemble weight folded into the final output projection (the
 linear in it). How to combine the members is written to ``manifest.json``:
 
 - ``single``: one transformer, used exactly like the original (same guidance).
-- ``cfg``: ``cond`` and ``uncond`` transformers; velocity = cond(x, prompt) + uncond(x, empty prompt)
-  (their weights already hold the guidance mix).
+- ``cfg`` (the CFG ensemble of two members): one transformer, ``model``, with the conditional pass's
+  coefficients baked in, and ``calibration.json``: what is left for the stock pipeline's per-row hook
+  (:func:`calibri_pipeline.backbones.stock.apply_calibration`): the unconditional pass's coefficients
+  as ratios to the baked ones, and the two weights. One transformer in memory, not two copies. With
+  more members (extra conditional passes) every member is its own transformer (``cond``, ``uncond``,
+  ``cond2`` ...; velocity = the sum of their outputs, the weights folded in).
 - ``ensemble``: ``model0 … model{n-1}``, all conditional; velocity = sum of their outputs.
 - ``schedule``: a time-dependent calibration (coefficients per part of the noise schedule) cannot be
   baked into fixed weights; ``calibri_schedule.json`` holds the vector, its layout and the noise
@@ -64,6 +68,36 @@ def baked_members(
     return layout.mode, members
 
 
+def _baked_cfg_pair(transformer: torch.nn.Module, granularity: str, vector: Sequence[float]):
+    """The CFG ensemble of two as one transformer (the conditional coefficients baked in) and the
+    Calibration the per-row hook applies on top of it (ratios for the unconditional pass, the weights)."""
+    from calibri_pipeline.method.calibration import Calibration
+
+    space = CalibrationSpace.from_transformer(transformer, granularity)
+    layout = EnsembleLayout(space.size, 2, cfg=True)
+    coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
+    cond, uncond = coefficients[0, 0], coefficients[0, 1]
+    stuck = [space.names[j] for j in range(space.size) if cond[j] == 0 and uncond[j] != 0]
+    if stuck:
+        raise ValueError(
+            f"the conditional pass switches off {stuck} but the unconditional one keeps them: one baked transformer "
+            "cannot hold both; export --format calibration and run it with apply_calibration on the original model"
+        )
+    ratios = torch.where(cond == 0, torch.ones_like(cond), uncond / cond)
+    member = copy.deepcopy(transformer)
+    space.bake(member, cond)
+    residual = Calibration(
+        granularity,
+        space.names,
+        2,
+        [1.0] * space.size + ratios.tolist() + weights[0].tolist(),
+        cfg=True,
+        model_class=type(transformer).__name__,
+        source={"baked": "the conditional coefficients are in the weights; these are what is left"},
+    )
+    return "cfg", {"model": member}, residual
+
+
 def export_calibrated(
     backbone,
     granularity: str,
@@ -107,9 +141,15 @@ def export_calibrated(
         }
         store.put_bytes(f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode())
         return manifest
-    mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
+    residual = None
+    if bool(backbone.uses_cfg) and n_models == 2:
+        mode, members, residual = _baked_cfg_pair(backbone.transformer, granularity, vector)
+    else:
+        mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
     files = []
     with tempfile.TemporaryDirectory() as tmp:
+        if residual is not None:
+            residual.save(str(Path(tmp) / "calibration.json"))
         for name, member in members.items():
             if not hasattr(member, "save_pretrained"):
                 raise TypeError(
@@ -127,8 +167,10 @@ def export_calibrated(
         "combine": {
             "single": "use `model` like the original transformer",
             "cfg": "velocity = cond(x, prompt) + uncond(x, negative/empty prompt) (+ cond2 ... with the prompt)",
+            "cfg-baked": "`model` as the pipeline's transformer, under apply_calibration(pipe, Calibration.load(this "
+            "folder)): calibration.json holds the unconditional pass's ratios and the two weights",
             "ensemble": "velocity = sum of every member's output",
-        }[mode],
+        }["cfg-baked" if residual is not None else mode],
         "class": type(backbone.transformer).__name__,
         "granularity": granularity,
         "names": list(CalibrationSpace.from_transformer(backbone.transformer, granularity).names),
