@@ -273,11 +273,12 @@ def test_the_official_flux_gate_order_is_image_pairs_then_text_pairs_then_single
     assert parts[1][:2] == ["transformer_blocks.0.attn.text", "transformer_blocks.0.mlp.text"]
     assert [len(p) for p in parts] == [2 * nd, 2 * nd, ns]
     cal = Calibration("gate", space.names, 1, [1.0 + 0.01 * i for i in range(space.size + 1)])
-    flat = official.to_flat(cal, space)
+    flat = official.to_flat(cal.vector, 1, space)
     assert flat[0] == cal.vector[space.names.index("transformer_blocks.0.attn.image")]
     assert flat[2 * nd] == cal.vector[space.names.index("transformer_blocks.0.attn.text")]
+    timed = Calibration("gate", space.names, 1, [1.0] * (2 * space.size + 2), (0.5,))
     with pytest.raises(ValueError, match="no official form"):
-        official.to_flat(Calibration("gate", space.names, 1, [1.0] * (2 * space.size + 2), (0.5,)), space)
+        timed.to_official("unused.json", t)
 
 
 OFFICIAL_CODE = os.environ.get("CALIBRI_OFFICIAL_CODE")  # a checkout of github.com/v-gen-ai/Calibri (its src/)
@@ -299,13 +300,15 @@ def test_the_official_hooks_and_ours_give_the_same_flux_output_for_the_same_file
         "layer": ("src.models.flux_sg_mlp_attn", "SGFluxPipeline_MlpAttn"),
         "block": ("src.models.flux_sg_block", "SGFluxPipelineBlock"),
     }[granularity]
+    from calibri_pipeline.method import official
+
     theirs_module = importlib.import_module(module)
     t = backbones["flux"].transformer
     space = CalibrationSpace.from_transformer(t, granularity)
     g = torch.Generator().manual_seed(7)
     vector = (1.0 + 0.4 * torch.randn(space.size + 1, generator=g)).tolist()
     cal = Calibration(granularity, space.names, 1, vector)
-    flat = np.asarray(__import__("calibri_pipeline.method.official", fromlist=["x"]).to_flat(cal, space))
+    flat = np.asarray(official.to_flat(cal.vector, 1, space))
     n_img, n_txt = 16, 8
     inputs = dict(
         hidden_states=torch.randn(2, n_img, t.config.in_channels, generator=g),

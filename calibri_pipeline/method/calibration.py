@@ -210,9 +210,15 @@ class Calibration:
         space = (
             model if isinstance(model, CalibrationSpace) else CalibrationSpace.from_transformer(model, self.granularity)
         )
+        if self.segments:
+            raise ValueError(
+                "a time-dependent calibration has no official form: the release calibrates one set per model"
+            )
         self.search_space(space, cfg=self.cfg if self.cfg is not None else False)  # the model it was made for
+        known = {"step": self.source.get("step"), "val": self.source.get("val")}
+        record = official.payload(list(self.vector), self.n_models, space, **known)
         with fsspec.open(path, "w") as f:
-            f.write(json.dumps(official.payload(self, space), indent=2) + "\n")
+            f.write(json.dumps(record, indent=2) + "\n")
         return path
 
     @classmethod

@@ -32,7 +32,6 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from calibri_pipeline.method.calibration import Calibration
     from calibri_pipeline.method.space import CalibrationSpace
 
 _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)")
@@ -111,16 +110,17 @@ def shapes(space: CalibrationSpace, n_models: int) -> dict[str, int]:
     return {"total": total, "n_models": n_models, "n_blocks": n_double}
 
 
-def to_flat(calibration: Calibration, space: CalibrationSpace) -> list[float]:
-    """A constant calibration as the release's flat vector."""
-    if calibration.segments:
-        raise ValueError("a time-dependent calibration has no official form: the release calibrates one set per model")
+def to_flat(vector: Sequence[float], n_models: int, space: CalibrationSpace) -> list[float]:
+    """A constant vector in this project's layout as the release's flat vector."""
     _, parts = sections(space)
     index = {name: i for i, name in enumerate(space.names)}
-    size, n = len(space.names), calibration.n_models
-    vector = calibration.vector
-    flat = [vector[m * size + index[name]] for part in parts for m in range(n) for name in part]
-    return [float(v) for v in flat + list(vector[n * size :])]
+    size = len(space.names)
+    if len(vector) != n_models * (size + 1):
+        raise ValueError(
+            f"a constant vector of {n_models} model(s) has {n_models * (size + 1)} numbers, got {len(vector)}"
+        )
+    flat = [vector[m * size + index[name]] for part in parts for m in range(n_models) for name in part]
+    return [float(v) for v in flat + list(vector[n_models * size :])]
 
 
 def from_flat(flat: Sequence[float], space: CalibrationSpace, n_models: int) -> list[float]:
@@ -143,18 +143,20 @@ def from_flat(flat: Sequence[float], space: CalibrationSpace, n_models: int) -> 
     return ours + [float(v) for v in flat[k:]]
 
 
-def payload(calibration: Calibration, space: CalibrationSpace) -> dict[str, Any]:
-    """A ``cmaes_step_*.json`` record: the release's keys (its reader uses ``solution``)."""
-    return {
-        "step": int(calibration.source.get("step", 0) or 0),
+def payload(vector: Sequence[float], n_models: int, space: CalibrationSpace, **known: Any) -> dict[str, Any]:
+    """A ``cmaes_step_*.json`` record with the release's keys (its reader uses ``solution``); ``known``
+    fills ``step`` / ``val`` / ... where the caller knows them."""
+    record = {
+        "step": 0,
         "train_best": None,
         "train_mean": None,
-        "val": calibration.source.get("val"),
-        "solution": to_flat(calibration, space),
-        "shapes": shapes(space, calibration.n_models),
+        "val": None,
+        "solution": to_flat(vector, n_models, space),
+        "shapes": shapes(space, n_models),
         "sigma": None,
         "timestamp": int(time.time()),
     }
+    return {**record, **{k: v for k, v in known.items() if k in record and v is not None}}
 
 
 def n_models_of(record: dict[str, Any]) -> int:
