@@ -89,12 +89,11 @@ class AppliedCalibration:
         coefficients, weights = self.parts[self.search.segment_of(sigma)]
         coefficients, weights = coefficients[0], weights[0]  # [n_models, size], [n_models]
         n = hidden.shape[0]
+        self._weights, scales = weights, None
         if self.sequential:
             self._role = self._sequential_role(sigma)
             member = 1 if self._role == "uncond" and self.search.layout.mode == "cfg" else 0
             rows = coefficients[member].expand(n, -1)
-            self._weights = weights
-            self._row_scales = None
         elif self.search.layout.mode == "cfg":
             if n % 2:
                 raise ValueError("the CFG ensemble needs the pipeline's CFG: call it with a guidance_scale > 1")
@@ -108,13 +107,11 @@ class AppliedCalibration:
             k = self.search.layout.n_models
             kwargs = {key: _repeat(value, k) if key in _PER_SAMPLE else value for key, value in kwargs.items()}
             rows = torch.cat([coefficients[m].expand(n, -1) for m in range(k)])
-            scales = weights
         else:
             rows = coefficients[0].expand(n, -1)
             scales = weights[0].expand(n)
-        if not self.sequential:
-            self._weights_all = weights
-            self._row_scales = None if bool((scales == 1).all()) else scales
+        # per-row output factors (None: the rows stay as the transformer made them)
+        self._row_scales = None if scales is None or bool((scales == 1).all()) else scales
         self._scaled.enter_context(self.search.space.scaled(module, rows.to(hidden.device, torch.float32)))
         return args, kwargs
 
@@ -128,7 +125,7 @@ class AppliedCalibration:
             members = first.reshape(k, first.shape[0] // k, *first.shape[1:])
             replaced = torch.zeros_like(members[0])
             for m in range(k):
-                replaced = replaced + self._weights_all[m].to(first.dtype) * members[m]
+                replaced = replaced + self._weights[m].to(first.dtype) * members[m]
         elif self._row_scales is None:
             return output
         else:
