@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-
-def setting_label(name: str, steps: int) -> str:
-    """How a sampled setting is named in evaluations and comparisons: ``calibri@4``, ``baseline@8``."""
-    return f"{name}@{steps}"
+from calibri_pipeline.method.labels import setting_label
 
 
 def _fmt(mean: float | None, low: float | None, high: float | None) -> str:

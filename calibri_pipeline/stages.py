@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
-from calibri_pipeline.report import setting_label
+from calibri_pipeline.method.labels import setting_label
 
 if TYPE_CHECKING:
     import polars as pl

@@ -19,7 +19,7 @@ from calibri_pipeline.assets.common import (
     stage_asset,
     table_md,
 )
-from calibri_pipeline.report import SETTING_TAGS
+from calibri_pipeline.report import SETTING_TAGS, setting_label
 from calibri_pipeline.resources import CatalogResource
 
 
@@ -62,7 +62,7 @@ def evaluation(stage: Stage) -> dg.MaterializeResult:
     score_matrix = result.scores
     labels = list(settings)
     for name in ("calibri", "guidance-tuned", "slg-tuned", "shift-tuned", "schedule-tuned"):
-        label = f"{name}@{low}"
+        label = setting_label(name, low)
         if label not in keys:
             continue
         calibration_tag = run["run_id"] if name == "calibri" else SETTING_TAGS[name]
@@ -86,7 +86,7 @@ def evaluation(stage: Stage) -> dg.MaterializeResult:
         cat.replace("scores", scores, {"run_key": stage.run_key, "calibration": calibration_tag})
     headline = headline_table(evals, comparisons, stage.reward, low, preset.default_steps)
     nfe_table = result.table.with_columns(result.table["label"].str.split("@").list.get(0).alias("label"))
-    grid_images = stage.image_cache.get(keys[f"calibri@{low}"][:: len(preset.seeds)][:16])
+    grid_images = stage.image_cache.get(keys[setting_label("calibri", low)][:: len(preset.seeds)][:16])
     grid = grid_of(torch.stack(list(grid_images.values())), test) if grid_images else None
     stage.summary(f"evaluation: {len(settings)} settings on {len(cell_prompts)} test images each", evaluator)
     meta = {
@@ -114,7 +114,7 @@ def _comparison(catalog, run_key: str, reference_name: str) -> dict | None:
     low = json.loads(run["config"])["preset"]["calibration_steps"]
     df = catalog.query(
         "SELECT delta, ci_low, ci_high, n FROM comparisons WHERE run_key = ? AND reward = ? AND setting = ? AND reference = ?",
-        [run_key, reward, f"calibri@{low}", f"{reference_name}@{low}"],
+        [run_key, reward, setting_label("calibri", low), setting_label(reference_name, low)],
     )
     return None if df.height == 0 else df.row(0, named=True)
 

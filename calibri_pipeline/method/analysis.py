@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from calibri_pipeline.method.labels import setting_label
 from calibri_pipeline.method.stats import bootstrap_ci, paired_difference_ci
 
 if TYPE_CHECKING:
@@ -420,7 +421,7 @@ def nfe_study(
         raise ValueError("nfe_study needs at least one labelled vector")
     searches = dict(searches or {})
     settings = {
-        f"{label}@{steps}": Setting(vector=vector, steps=steps, guidance=guidance, search=searches.get(label))
+        setting_label(label, steps): Setting(vector=vector, steps=steps, guidance=guidance, search=searches.get(label))
         for label, vector in vectors.items()
         for steps in steps_list
     }
@@ -429,7 +430,7 @@ def nfe_study(
     )
     import polars as pl
 
-    label_of = {f"{label}@{steps}": label for label in vectors for steps in steps_list}
+    label_of = {setting_label(label, steps): label for label in vectors for steps in steps_list}
     table = result.table.with_columns(pl.col("label").replace_strict(label_of).alias("label"))
     return AnalysisResult(
         "nfe",
