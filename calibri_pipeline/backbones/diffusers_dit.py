@@ -793,6 +793,11 @@ class SD3Backbone(DiffusersBackbone):
 # --------------------------------------------------------------------------------------------
 
 
+def rescale_to_conditional_norm(velocity: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
+    """QwenImagePipeline's true-CFG rescaling: ``comb * ||cond|| / ||comb||``, norms over the channels of each token."""
+    return velocity * (conditional.norm(dim=-1, keepdim=True) / velocity.norm(dim=-1, keepdim=True))
+
+
 class _ConditionalNorm:
     """Remembers the conditional pass's velocity of the latest step (for Qwen-Image's CFG rescaling).
 
@@ -815,8 +820,7 @@ class _ConditionalNorm:
             if self.velocity.shape[0] % v.shape[0]:
                 raise RuntimeError("the conditional velocity of this step does not match the batch")
             v_cond, self.velocity = self.velocity[: v.shape[0]], None
-            # the stock pipeline: comb * ||cond|| / ||comb||, norms over channels of each token
-            return v * (v_cond.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
+            return rescale_to_conditional_norm(v, v_cond)
 
         return rescaled
 

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from calibri_pipeline.backbones.diffusers_dit import _ARCH_CLASSES, TRANSFORMER_ARCH
+from calibri_pipeline.backbones.diffusers_dit import _ARCH_CLASSES, TRANSFORMER_ARCH, rescale_to_conditional_norm
 from calibri_pipeline.method.calibration import Calibration
+from calibri_pipeline.method.sampler import mix_passes
 
 #: FluxTransformer2DModel's inputs with one row per sample (img_ids / txt_ids are per token, shared)
 _PER_SAMPLE = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
@@ -120,12 +121,11 @@ class AppliedCalibration:
         first = output[0] if isinstance(output, tuple) else output.sample
         if self.sequential:
             replaced = self._sequential_output(first)
-        elif self.search.layout.mode == "ensemble":  # the members' outputs, weighted and summed (the sampler's order)
+        elif self.search.layout.mode == "ensemble":  # the members' outputs, weighted and summed as the sampler does
             k = self.search.layout.n_models
-            members = first.reshape(k, first.shape[0] // k, *first.shape[1:])
-            replaced = torch.zeros_like(members[0])
-            for m in range(k):
-                replaced = replaced + self._weights[m].to(first.dtype) * members[m]
+            n = first.shape[0] // k
+            members = first.reshape(k, n, *first.shape[1:])
+            replaced = mix_passes(members, [self._weights[m].expand(n) for m in range(k)])
         elif self._row_scales is None:
             return output
         else:
@@ -167,8 +167,7 @@ class AppliedCalibration:
             return self._held
         cond, held = self._cond, self._held
         self._cond = self._held = None
-        mixed = float(w[0]) * cond + float(w[1]) * out
-        rescaled = mixed * (cond.norm(dim=-1, keepdim=True) / mixed.norm(dim=-1, keepdim=True))
+        rescaled = rescale_to_conditional_norm(float(w[0]) * cond + float(w[1]) * out, cond)
         held.copy_(rescaled)
         return rescaled
 
@@ -189,7 +188,7 @@ class AppliedCalibration:
 
 
 def apply_calibration(pipe: Any, calibration: Calibration) -> AppliedCalibration:
-    """Run ``calibration`` inside the stock ``pipe`` (FLUX / SD-3) with its one transformer.
+    """Run ``calibration`` inside the stock ``pipe`` (FLUX, SD-3, Qwen-Image) with its one transformer.
 
     Use it as a context manager (``with apply_calibration(pipe, cal): pipe(...)``) or keep the handle
     and call ``.remove()``; either way the hooks are gone afterwards, also after an error.

@@ -134,14 +134,19 @@ def make_velocity_fn(
         k = len(passes)
         with search.space.scaled(transformer, coefficients):
             v_all = model_fn(x.repeat(k, *([1] * (x.ndim - 1))), sigma.repeat(k), batch_cond)
-        v_all = v_all.reshape(k, n, *x.shape[1:])
-        shape = (n,) + (1,) * (x.ndim - 1)
-        out = torch.zeros_like(x)
-        for j, (_, _, weight) in enumerate(passes):
-            out = out + weight.to(x.dtype).reshape(shape) * v_all[j]
-        return out
+        return mix_passes(v_all.reshape(k, n, *x.shape[1:]), [weight for _, _, weight in passes])
 
     return velocity
+
+
+def mix_passes(outputs: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The ensemble's velocity: ``sum_j weights[j] * outputs[j]`` for outputs ``[k, n, ...]`` and per-image
+    weights ``[n]`` each, summed in pass order (the stock-pipeline hook sums in the same order)."""
+    shape = (outputs.shape[1],) + (1,) * (outputs.ndim - 2)
+    out = torch.zeros_like(outputs[0])
+    for j, weight in enumerate(weights):
+        out = out + weight.to(outputs.dtype).reshape(shape) * outputs[j]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +436,7 @@ __all__ = [
     "euler_sample",
     "flow_sigmas",
     "make_velocity_fn",
+    "mix_passes",
     "prompt_texts",
     "seeded_noise",
 ]
