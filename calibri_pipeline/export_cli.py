@@ -25,6 +25,7 @@ FORMATS = ("calibration", "diffusers", "official")
 
 def export(run_id: str, out: str | Path, fmt: str = "calibration", catalog_path: str | Path | None = None) -> str:
     """Write run ``run_id`` of the catalog to ``out`` in ``fmt``; returns what was written."""
+    from calibri_pipeline.atomic_io import write_json_atomic
     from calibri_pipeline.method.calibration import Calibration
     from calibri_pipeline.storage.catalog import Catalog
     from calibri_pipeline.storage.paths import default_catalog_path
@@ -36,11 +37,9 @@ def export(run_id: str, out: str | Path, fmt: str = "calibration", catalog_path:
         raise FileExistsError(f"{out} exists: export writes a new file or folder, choose another --out")
     catalog = Catalog(catalog_path or default_catalog_path(), create=False)
     calibration = Calibration.from_catalog(catalog, run_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "calibration":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        calibration.save(str(tmp))
-        tmp.replace(out)  # whole or not at all
+        write_json_atomic(out, calibration.to_dict())  # whole or not at all
         return str(out)
     from calibri_pipeline.method.export import export_calibrated
     from calibri_pipeline.models import load_model
@@ -49,14 +48,10 @@ def export(run_id: str, out: str | Path, fmt: str = "calibration", catalog_path:
 
     backbone = load_model(calibration.source["model"], ObjectStore(default_object_store_url()))
     if fmt == "official":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        calibration.to_official(str(tmp), backbone.transformer)
-        tmp.replace(out)
+        write_json_atomic(out, calibration.official_record(backbone.transformer))
         return str(out)
     calibration.search_space(backbone.transformer, cfg=bool(backbone.uses_cfg))  # the model it was made for
     partial = out.with_name(out.name + ".partial")
-    out.parent.mkdir(parents=True, exist_ok=True)
     manifest = export_calibrated(
         backbone,
         calibration.granularity,

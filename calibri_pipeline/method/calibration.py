@@ -107,11 +107,7 @@ class Calibration:
 
     def save(self, path: str) -> str:
         """Write the calibration as one JSON file (a local path or an fsspec URI); returns where."""
-        import fsspec
-
-        with fsspec.open(path, "w") as f:
-            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return _write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any], source: Mapping[str, Any] | None = None) -> Calibration:
@@ -181,13 +177,7 @@ class Calibration:
         if isinstance(model, CalibrationSpace):
             space = model
         else:
-            if "doubles_ctx" in shapes or "main" in shapes or set(shapes) == {"total", "n_models", "n_blocks"}:
-                granularity = "gate"
-            elif shapes.get("doubles_main") == 2 * n_models * shapes.get("n_double", -1):
-                granularity = "layer"
-            else:
-                granularity = "block"
-            space = CalibrationSpace.from_transformer(model, granularity)
+            space = CalibrationSpace.from_transformer(model, official.granularity_of(shapes, n_models))
         vector = official.from_flat(list(record["solution"]), space, n_models)
         variant, _ = official.sections(space)
         return cls(
@@ -202,8 +192,10 @@ class Calibration:
 
     def to_official(self, path: str, model: CalibrationSpace | nn.Module) -> str:
         """Write this (constant) calibration as the release's ``cmaes_step_*.json`` for ``model``."""
-        import fsspec
+        return _write_json(path, self.official_record(model))
 
+    def official_record(self, model: CalibrationSpace | nn.Module) -> dict[str, Any]:
+        """This (constant) calibration as the release's ``cmaes_step_*.json`` record for ``model``."""
         from calibri_pipeline.method import official
         from calibri_pipeline.method.space import CalibrationSpace
 
@@ -216,10 +208,7 @@ class Calibration:
             )
         self.search_space(space, cfg=self.cfg if self.cfg is not None else False)  # the model it was made for
         known = {"step": self.source.get("step"), "val": self.source.get("val")}
-        record = official.payload(list(self.vector), self.n_models, space, **known)
-        with fsspec.open(path, "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
-        return path
+        return official.payload(list(self.vector), self.n_models, space, **known)
 
     @classmethod
     def from_catalog(cls, catalog: Any, run_id: str) -> Calibration:
@@ -269,6 +258,15 @@ class Calibration:
         """The paper-layout vector of each part of the schedule, highest noise first."""
         d = len(self.vector) // (len(self.segments) + 1)
         return [self.vector[j * d : (j + 1) * d] for j in range(len(self.segments) + 1)]
+
+
+def _write_json(path: str, record: dict[str, Any]) -> str:
+    """One JSON file at a local path or an fsspec URI (indent 2, a final newline); returns where."""
+    import fsspec
+
+    with fsspec.open(path, "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 __all__ = ["Calibration", "FORMAT"]

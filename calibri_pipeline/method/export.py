@@ -48,10 +48,9 @@ def fold_output_weight(transformer: torch.nn.Module, weight: float) -> None:
 
 
 def baked_members(
-    transformer: torch.nn.Module, granularity: str, vector: Sequence[float], n_models: int, uses_cfg: bool
+    transformer: torch.nn.Module, space: CalibrationSpace, vector: Sequence[float], n_models: int, uses_cfg: bool
 ) -> tuple[str, dict[str, torch.nn.Module]]:
     """(mode, {member name: baked copy of the transformer})."""
-    space = CalibrationSpace.from_transformer(transformer, granularity)
     layout = EnsembleLayout(space.size, n_models, cfg=uses_cfg)
     coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
     names = {
@@ -68,12 +67,11 @@ def baked_members(
     return layout.mode, members
 
 
-def _baked_cfg_pair(transformer: torch.nn.Module, granularity: str, vector: Sequence[float]):
+def _baked_cfg_pair(transformer: torch.nn.Module, space: CalibrationSpace, vector: Sequence[float]):
     """The CFG ensemble of two as one transformer (the conditional coefficients baked in) and the
     Calibration the per-row hook applies on top of it (ratios for the unconditional pass, the weights)."""
     from calibri_pipeline.method.calibration import Calibration
 
-    space = CalibrationSpace.from_transformer(transformer, granularity)
     layout = EnsembleLayout(space.size, 2, cfg=True)
     coefficients, weights = layout.split(torch.as_tensor(list(vector), dtype=torch.float64))
     cond, uncond = coefficients[0, 0], coefficients[0, 1]
@@ -87,7 +85,7 @@ def _baked_cfg_pair(transformer: torch.nn.Module, granularity: str, vector: Sequ
     member = copy.deepcopy(transformer)
     space.bake(member, cond)
     residual = Calibration(
-        granularity,
+        space.granularity,
         space.names,
         2,
         [1.0] * space.size + ratios.tolist() + weights[0].tolist(),
@@ -113,8 +111,8 @@ def export_calibrated(
     With ``segments`` (time-dependent coefficients) nothing can be baked: the coefficient schedule is
     written instead (manifest mode ``schedule``).
     """
+    space = CalibrationSpace.from_transformer(backbone.transformer, granularity)
     if segments:
-        space = CalibrationSpace.from_transformer(backbone.transformer, granularity)
         layout = EnsembleLayout(space.size, n_models, cfg=bool(backbone.uses_cfg))
         if len(vector) != (len(segments) + 1) * layout.search_size:
             raise ValueError(
@@ -143,9 +141,9 @@ def export_calibrated(
         return manifest
     residual = None
     if bool(backbone.uses_cfg) and n_models == 2:
-        mode, members, residual = _baked_cfg_pair(backbone.transformer, granularity, vector)
+        mode, members, residual = _baked_cfg_pair(backbone.transformer, space, vector)
     else:
-        mode, members = baked_members(backbone.transformer, granularity, vector, n_models, bool(backbone.uses_cfg))
+        mode, members = baked_members(backbone.transformer, space, vector, n_models, bool(backbone.uses_cfg))
     files = []
     with tempfile.TemporaryDirectory() as tmp:
         if residual is not None:
@@ -173,7 +171,7 @@ def export_calibrated(
         }["cfg-baked" if residual is not None else mode],
         "class": type(backbone.transformer).__name__,
         "granularity": granularity,
-        "names": list(CalibrationSpace.from_transformer(backbone.transformer, granularity).names),
+        "names": list(space.names),
         "n_models": n_models,
         "vector": [float(v) for v in vector],
         "files": files,

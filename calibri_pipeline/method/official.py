@@ -159,6 +159,17 @@ def payload(vector: Sequence[float], n_models: int, space: CalibrationSpace, **k
     return {**record, **{k: v for k, v in known.items() if k in record and v is not None}}
 
 
+def granularity_of(shapes: dict[str, Any], n_models: int) -> str:
+    """The granularity a record's ``shapes`` imply (the release writes no variant name): FLUX gate has a
+    text-stream section, SD-3 a ``main`` one, Qwen-Image only ``n_blocks`` (all gate); FLUX layer has two
+    numbers per double block and model, FLUX block one."""
+    if "doubles_ctx" in shapes or "main" in shapes or set(shapes) == {"total", "n_models", "n_blocks"}:
+        return "gate"
+    if shapes.get("doubles_main") == 2 * n_models * shapes.get("n_double", -1):
+        return "layer"
+    return "block"
+
+
 def n_models_of(record: dict[str, Any]) -> int:
     """How many models an official record holds (its ``shapes``)."""
     found = (record.get("shapes") or {}).get("n_models")
@@ -167,4 +178,4 @@ def n_models_of(record: dict[str, Any]) -> int:
     return found
 
 
-__all__ = ["from_flat", "payload", "sections", "shapes", "to_flat"]
+__all__ = ["from_flat", "granularity_of", "n_models_of", "payload", "sections", "shapes", "to_flat"]
