@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from calibri_pipeline.arguments import positive_int
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -51,8 +53,7 @@ class Calibration:
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
         object.__setattr__(self, "vector", tuple(float(v) for v in self.vector))
         object.__setattr__(self, "segments", tuple(float(t) for t in self.segments))
-        if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or self.n_models < 1:
-            raise ValueError(f"n_models must be a positive int, got {self.n_models!r}")
+        positive_int("n_models", self.n_models)
         per_part = self.n_models * len(self.names) + self.n_models
         if not self.names or len(self.vector) != (len(self.segments) + 1) * per_part:
             raise ValueError(

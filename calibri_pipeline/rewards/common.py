@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from calibri_pipeline.arguments import positive_int
 from calibri_pipeline.prompts.base import Prompt
 from calibri_pipeline.rewards.base import check_images
 
@@ -56,9 +57,7 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
 
 
 def check_batch_size(batch_size: int) -> int:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return batch_size
+    return positive_int("batch_size", batch_size)
 
 
 def check_prompts(prompts: Sequence[Prompt], n_images: int) -> list[Prompt]:
